@@ -1,0 +1,362 @@
+"""Everything that differs between transformers (and torch) releases, in one place.
+
+Supported: transformers 4.46 through 5.x. Where a release lacks a feature, ``missing_feature`` says
+so and the variant is reported unsupported for that version instead of failing. Feature checks probe
+the installed code (attributes, signatures) rather than compare version numbers where they can, so a
+backport or a patched build is judged by what it does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import transformers
+from packaging.version import Version
+from transformers import AutoModelForCausalLM, GenerationMixin
+
+TRANSFORMERS = Version(transformers.__version__)
+TORCH = Version(torch.__version__.split("+")[0])
+
+CAPABILITIES = ("sdpa", "flash_attn", "flex_attn", "compile_fullgraph", "static_cache")
+# Where the installed release keeps each capability. 4.x gated static caches with
+# ``_supports_static_cache``; 5.x replaced it with ``_can_compile_fullgraph`` (models without it, such as
+# GPT-Neo, build wrong masks over a StaticCache).
+_LEGACY_STATIC = hasattr(transformers.PreTrainedModel, "_supports_static_cache")
+CAPABILITY_ATTRIBUTE = {
+    "sdpa": "_supports_sdpa",
+    "flash_attn": "_supports_flash_attn" if hasattr(transformers.PreTrainedModel, "_supports_flash_attn") else "_supports_flash_attn_2",
+    "flex_attn": "_supports_flex_attn",
+    "compile_fullgraph": "_can_compile_fullgraph" if hasattr(transformers.PreTrainedModel, "_can_compile_fullgraph") else "_supports_static_cache",
+    "static_cache": "_supports_static_cache" if _LEGACY_STATIC else "_can_compile_fullgraph",
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def dtype_keyword() -> str:
+    """``dtype=`` since 4.56; ``torch_dtype=`` before (still accepted, deprecated, in 5.x)."""
+    params = inspect.signature(transformers.PreTrainedModel.from_pretrained).parameters
+    return "torch_dtype" if TRANSFORMERS < Version("4.56") and "dtype" not in params else "dtype"
+
+
+def from_config(config: Any, dtype: torch.dtype) -> Any:
+    return AutoModelForCausalLM.from_config(config, **{dtype_keyword(): dtype})
+
+
+def from_pretrained(
+    name: str,
+    dtype: torch.dtype,
+    device: str,
+    attn_implementation: str,
+    quantization_config: Any = None,
+    trust_remote_code: bool = False,
+) -> Any:
+    kwargs: dict[str, Any] = {
+        dtype_keyword(): dtype,
+        "attn_implementation": attn_implementation,
+        "trust_remote_code": trust_remote_code,
+    }
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+        kwargs["device_map"] = device
+    elif device != "cpu":
+        kwargs["device_map"] = device
+    return AutoModelForCausalLM.from_pretrained(name, **kwargs)
+
+
+def model_class(config: Any, trust_remote_code: bool) -> type | None:
+    """The causal-LM class a config loads into, without building it (None if unknown)."""
+    mapping = AutoModelForCausalLM._model_mapping
+    if type(config) in mapping:
+        return mapping[type(config)]
+    auto_map = getattr(config, "auto_map", None) or {}
+    if trust_remote_code and "AutoModelForCausalLM" in auto_map:
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        return get_class_from_dynamic_module(auto_map["AutoModelForCausalLM"], config._name_or_path)
+    return None
+
+
+def capabilities(cls: type) -> dict[str, bool]:
+    """What a model class declares, under one set of names across releases (CAPABILITY_ATTRIBUTE).
+
+    A stateful model (Mamba-like) never holds a StaticCache, whatever it declares.
+    """
+    flags = {name: bool(getattr(cls, attr, False)) for name, attr in CAPABILITY_ATTRIBUTE.items()}
+    flags["flash_attn"] = flags["flash_attn"] or bool(getattr(cls, "_supports_flash_attn_2", False))
+    flags["static_cache"] = flags["static_cache"] and not getattr(cls, "_is_stateful", False)
+    return flags
+
+
+def model_capabilities(model: Any) -> dict[str, bool]:
+    """Capabilities of a loaded model: every PreTrainedModel inside it must declare a flag."""
+    found = [capabilities(type(m)) for m in model.modules() if isinstance(m, transformers.PreTrainedModel)]
+    return {name: all(flags[name] for flags in found) for name in CAPABILITIES}
+
+
+def bnb_config(quant: str, compute_dtype: torch.dtype) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    if quant == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant, bnb_4bit_compute_dtype=compute_dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention
+
+
+def set_attention(model: Any, implementation: str) -> bool:
+    """Switch a loaded model's attention implementation; False if it needs a reload instead.
+
+    5.x has ``set_attn_implementation`` (which only warns when the class cannot switch); 4.48+ looks
+    the attention function up at forward time from the config; 4.46-4.47 built attention modules at
+    init, so switching there means loading again.
+    """
+    if getattr(model.config, "_attn_implementation", None) == implementation:
+        return True
+    if hasattr(model, "set_attn_implementation"):
+        with contextlib.suppress(ValueError, ImportError):
+            model.set_attn_implementation(implementation)
+        return getattr(model.config, "_attn_implementation", None) == implementation
+    if TRANSFORMERS >= Version("4.48"):
+        for module in model.modules():
+            config = getattr(module, "config", None)
+            if config is not None and hasattr(config, "_attn_implementation"):
+                config._attn_implementation = implementation
+        return True
+    return False
+
+
+@contextlib.contextmanager
+def sdpa_backend(name: str | None) -> Iterator[None]:
+    """Pin SDPA to one backend (math, flash, efficient, cudnn) for the duration; no-op for None."""
+    if name is None:
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {
+        "math": SDPBackend.MATH,
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+    }[name]
+    with sdpa_kernel([backend]):
+        yield
+
+
+def flash_attention_available(version: int) -> bool:
+    from transformers.utils import import_utils
+
+    probe = "is_flash_attn_2_available" if version == 2 else "is_flash_attn_3_available"
+    return bool(getattr(import_utils, probe, lambda: False)())
+
+
+# --------------------------------------------------------------------------------------------------
+# Caches and forward calls
+
+
+def make_static_cache(model: Any, batch_size: int, max_cache_len: int) -> Any:
+    """A StaticCache for ``model``: 5.x takes (config, max_cache_len) and allocates lazily; 4.x wanted
+    the batch size, device and dtype up front, under names that changed between releases."""
+    from transformers import StaticCache
+
+    params = inspect.signature(StaticCache.__init__).parameters
+    kwargs: dict[str, Any] = {"config": model.config, "max_cache_len": max_cache_len}
+    for name in ("max_batch_size", "batch_size"):
+        if name in params:
+            kwargs[name] = batch_size
+            break
+    if "device" in params:
+        kwargs["device"] = model.device
+    if "dtype" in params:
+        kwargs["dtype"] = model.dtype
+    return StaticCache(**kwargs)
+
+
+def cache_tensors(cache: Any) -> list[torch.Tensor]:
+    """Every key and value tensor a cache holds (5.x: per-layer objects; 4.x: key_cache/value_cache lists)."""
+    tensors: list[torch.Tensor] = []
+    if hasattr(cache, "layers"):
+        for layer in cache.layers:
+            for name in ("keys", "values"):
+                tensor = getattr(layer, name, None)
+                if isinstance(tensor, torch.Tensor):
+                    tensors.append(tensor)
+    else:
+        tensors = [t for t in (*getattr(cache, "key_cache", []), *getattr(cache, "value_cache", [])) if isinstance(t, torch.Tensor)]
+    return tensors
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_params(cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.forward).parameters)
+
+
+def forward_step(model: Any, input_ids: torch.Tensor, cache: Any, start: int, attention_mask: torch.Tensor | None = None) -> Any:
+    """One forward pass that appends ``input_ids`` to ``cache`` at position ``start``.
+
+    The cache keyword was ``past_key_values`` until 5.2x renamed it ``cache``; ``cache_position`` was
+    required for static caches before 5.2x dropped it.
+    """
+    return model(**step_kwargs(model, input_ids, cache, start, attention_mask))
+
+
+def cache_keyword(model: Any) -> str:
+    """The keyword that hands a cache to forward() and generate(): ``cache`` from 5.2x, else ``past_key_values``."""
+    return "cache" if "cache" in _forward_params(type(model)) else "past_key_values"
+
+
+def step_kwargs(model: Any, input_ids: torch.Tensor, cache: Any, start: int, attention_mask: torch.Tensor | None = None) -> dict[str, Any]:
+    params = _forward_params(type(model))
+    length = input_ids.shape[1]
+    positions = torch.arange(start, start + length, device=input_ids.device)
+    kwargs: dict[str, Any] = {
+        "input_ids": input_ids,
+        "position_ids": positions.unsqueeze(0).expand(input_ids.shape[0], -1),
+        "use_cache": True,
+        cache_keyword(model): cache,
+    }
+    if "cache_position" in params:
+        kwargs["cache_position"] = positions
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    if "position_ids" not in params:
+        kwargs.pop("position_ids")
+    return kwargs
+
+
+def output_cache(outputs: Any) -> Any:
+    return getattr(outputs, "cache", None) if hasattr(outputs, "cache") else outputs.past_key_values
+
+
+# --------------------------------------------------------------------------------------------------
+# Generation
+
+
+def supports_auto_compile() -> bool:
+    """generate() compiles decode steps by itself when the cache is static (4.49+)."""
+    return hasattr(GenerationMixin, "_valid_auto_compile_criteria")
+
+
+def compile_config(all_devices: bool, **kwargs: Any) -> Any:
+    """A CompileConfig; ``all_devices`` lets generate compile on CPU too (it compiles only on
+    accelerators by default). Returns None where CompileConfig does not exist."""
+    try:
+        from transformers import CompileConfig
+    except ImportError:
+        return None
+    config = CompileConfig(**kwargs)
+    if all_devices:
+        config._compile_all_devices = True
+    return config
+
+
+def generate_kwargs(
+    *,
+    new_tokens: int,
+    cache: str,
+    compile_mode: str,
+    device_type: str,
+    do_sample: bool = False,
+) -> dict[str, Any]:
+    """Keyword arguments for generate() that force exactly ``new_tokens`` tokens on the requested path.
+
+    EOS stays defined (older releases crash in assisted decoding with ``eos_token_id=None``) but is
+    suppressed by ``min_new_tokens``; sampling knobs a model's generation_config may carry are reset.
+    """
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": new_tokens,
+        "min_new_tokens": new_tokens,
+        "do_sample": do_sample,
+        "return_dict_in_generate": True,
+        "output_logits": True,
+        "num_beams": 1,
+        "repetition_penalty": 1.0,
+        "no_repeat_ngram_size": 0,
+    }
+    if do_sample:
+        kwargs.update(temperature=1.0, top_k=0, top_p=1.0)
+    else:
+        kwargs.update(temperature=None, top_k=None, top_p=None)
+    if cache == "static":
+        kwargs["cache_implementation"] = "static"
+    if compile_mode == "off":
+        if supports_auto_compile():
+            kwargs["disable_compile"] = True
+    elif compile_mode == "auto":
+        config = compile_config(all_devices=device_type != "cuda")
+        if config is not None and device_type != "cuda":
+            # CPU: inductor without CUDA graphs; same fullgraph default as generate's own config.
+            config.mode = "default"
+        if config is not None:
+            kwargs["compile_config"] = config
+    return kwargs
+
+
+def missing_feature(variant_compile: str, cache: str) -> str | None:
+    """Why this transformers release cannot run a variant at all, or None."""
+    if variant_compile == "auto" and not supports_auto_compile():
+        return f"transformers {TRANSFORMERS} has no auto-compile in generate() (added in 4.49)"
+    return None
+
+
+@dataclass
+class DraftStats:
+    """Draft tokens proposed and accepted over one or more assisted generate() calls."""
+
+    proposed: int = 0
+    accepted: int = 0
+    steps: int = 0
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted / self.proposed if self.proposed else None
+
+
+@contextlib.contextmanager
+def track_drafts() -> Iterator[DraftStats]:
+    """Count proposed and accepted draft tokens of every candidate generator built meanwhile.
+
+    Wraps ``GenerationMixin._get_candidate_generator`` (present since 4.3x) and, on each generator it
+    returns, ``get_candidates`` (how many tokens were proposed) and ``update_candidate_strategy``
+    (how many of them the target accepted).
+    """
+    stats = DraftStats()
+    original = GenerationMixin._get_candidate_generator
+
+    def patched(self: Any, *args: Any, **kwargs: Any) -> Any:
+        generator = original(self, *args, **kwargs)
+        get_candidates = generator.get_candidates
+        update = generator.update_candidate_strategy
+        pending = {"n": 0}
+
+        def counted_candidates(input_ids: torch.Tensor, *a: Any, **kw: Any) -> Any:
+            candidate_ids, logits = get_candidates(input_ids, *a, **kw)
+            pending["n"] = int(candidate_ids.shape[-1] - input_ids.shape[-1])
+            return candidate_ids, logits
+
+        def counted_update(input_ids: torch.Tensor, scores: torch.Tensor, num_matches: Any) -> Any:
+            stats.proposed += pending["n"]
+            stats.accepted += min(int(num_matches), pending["n"])
+            stats.steps += 1
+            return update(input_ids, scores, num_matches)
+
+        generator.get_candidates = counted_candidates
+        generator.update_candidate_strategy = counted_update
+        return generator
+
+    GenerationMixin._get_candidate_generator = patched  # type: ignore[method-assign]
+    try:
+        yield stats
+    finally:
+        GenerationMixin._get_candidate_generator = original  # type: ignore[method-assign]

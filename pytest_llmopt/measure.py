@@ -1,0 +1,54 @@
+"""Measuring: memory formulas and footprints (timing joins here with the performance suite).
+
+The static kv-cache formula is the documented one: for every attention layer, keys and values of
+shape [batch, kv_heads, length, head_dim], where a sliding-window layer holds min(window, max_len)
+positions. Comparing it with what a StaticCache really allocates catches a cache that silently grows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    layers: int
+    sliding_layers: int
+    kv_heads: int
+    head_dim: int
+    window: int | None
+
+
+def cache_layout(config: Any) -> CacheLayout:
+    """Attention-cache shape parameters of a (text) config, across the naming schemes of transformers."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = _first(text, "num_hidden_layers", "n_layer", "num_layers")
+    heads = _first(text, "num_attention_heads", "n_head", "num_heads")
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    hidden = _first(text, "hidden_size", "n_embd", "d_model")
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    window = getattr(text, "sliding_window", None) or getattr(text, "window_size", None)
+    types = getattr(text, "layer_types", None) or getattr(text, "attention_layers", None)
+    if types:
+        sliding = sum(1 for t in types if t in ("sliding_attention", "local"))
+    else:
+        sliding = layers if getattr(text, "sliding_window", None) else 0
+    return CacheLayout(layers, sliding, kv_heads, head_dim, window if sliding else None)
+
+
+def static_cache_bytes(config: Any, batch: int, max_len: int, dtype_bytes: int) -> int:
+    """2 (keys, values) x batch x kv_heads x head_dim x bytes x (full layers x max_len + sliding layers x min(window, max_len))."""
+    layout = cache_layout(config)
+    positions = (layout.layers - layout.sliding_layers) * max_len
+    if layout.sliding_layers:
+        positions += layout.sliding_layers * min(layout.window or max_len, max_len)
+    return 2 * batch * layout.kv_heads * layout.head_dim * dtype_bytes * positions
+
+
+def _first(config: Any, *names: str) -> int:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    raise ValueError(f"{type(config).__name__} has none of {names}")

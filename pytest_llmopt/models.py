@@ -1,0 +1,262 @@
+"""Model sources (built-in name, local folder, hub id) and loading with a per-session cache.
+
+``resolve`` turns what the user wrote into a ModelSpec, or one ModelError that says why it is none of
+the three sources; it runs at configure time so that a bad name ends the session once, quickly.
+``ModelStore`` loads each (model, dtype, quantization, device) once per session and switches the
+attention implementation in place; a model that fails to load fails every test that needs it with
+the same message, without trying again.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import re
+import socket
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from . import zoo
+
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+HUB_CONNECT_TIMEOUT_S = 5.0
+
+
+class ModelError(Exception):
+    """A model reference that cannot be used; the message is the whole story."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A resolved model reference. ``name`` is the short label used in test ids and reports."""
+
+    ref: str
+    kind: str  # "builtin" | "local" | "hub"
+
+    @property
+    def name(self) -> str:
+        return Path(self.ref).name if self.kind == "local" else self.ref
+
+
+def resolve(ref: str, role: str = "--llmopt-model") -> ModelSpec:
+    """Decide what ``ref`` is: a built-in name, a local folder, or a hub id that can be fetched."""
+    if zoo.is_builtin(ref):
+        return ModelSpec(ref, "builtin")
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{role}={ref}: the folder {path.resolve()} has no config.json, so it is not a transformers model folder")
+        return ModelSpec(str(path.resolve()), "local")
+    if ref.startswith((".", "/", "~")) or not HUB_ID_RE.match(ref):
+        raise ModelError(f"{role}={ref}: no such folder ({path.resolve()}), and not a built-in model ({', '.join(zoo.BUILTIN_NAMES)})")
+    _check_hub(ref, role)
+    return ModelSpec(ref, "hub")
+
+
+def _check_hub(repo: str, role: str) -> None:
+    """Make sure a hub id can be loaded: from the local cache, or from a reachable hub where it exists."""
+    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+
+    not_local = f"{role}={repo}: not a built-in model ({', '.join(zoo.BUILTIN_NAMES)}) and no such local folder"
+    cached = try_to_load_from_cache(repo, "config.json")
+    if isinstance(cached, str):
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise ModelError(f"{not_local}; as a hub id it is not in the local cache and HF_HUB_OFFLINE is set")
+    endpoint = urlparse(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=HUB_CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ModelError(
+            f"{not_local}; as a hub id it is not in the local cache, and the hub at {constants.ENDPOINT} "
+            f"cannot be reached ({exc}). Download it where the hub is reachable, or pass a local folder."
+        ) from None
+    try:
+        hf_hub_download(repo, "config.json")
+    except Exception as exc:  # the hub's errors moved between huggingface_hub releases; name them by class
+        kind = type(exc).__name__
+        hint = {
+            "RepositoryNotFoundError": "no such model on the hub (if it is private, log in: `hf auth login` or HF_TOKEN)",
+            "GatedRepoError": "the model is gated: accept its license on the hub and log in",
+            "EntryNotFoundError": "the repository has no config.json, so it is not a transformers model",
+            "RemoteEntryNotFoundError": "the repository has no config.json, so it is not a transformers model",
+        }.get(kind, f"{kind}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        raise ModelError(f"{not_local}; as a hub id: {hint}") from None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What is known about a model without loading its weights."""
+
+    spec: ModelSpec
+    config: Any
+    cls: type | None
+    capabilities: dict[str, bool]
+
+    @property
+    def class_name(self) -> str:
+        return self.cls.__name__ if self.cls else type(self.config).__name__
+
+    @property
+    def max_positions(self) -> int | None:
+        text = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            value = getattr(text, key, None)
+            if isinstance(value, int):
+                return value
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def describe(spec: ModelSpec, trust_remote_code: bool) -> ModelInfo:
+    """Config, class and declared capabilities of a model (reads config.json only)."""
+    from transformers import AutoConfig
+
+    from . import compat
+
+    if spec.kind == "builtin":
+        config = zoo.builtin_config(spec.ref)
+    else:
+        config = AutoConfig.from_pretrained(spec.ref, trust_remote_code=trust_remote_code)
+    cls = compat.model_class(config, trust_remote_code)
+    caps = compat.capabilities(cls) if cls else {name: True for name in compat.CAPABILITIES}
+    return ModelInfo(spec, config, cls, caps)
+
+
+@dataclass
+class Loaded:
+    """A model ready to run, with its tokenizer."""
+
+    spec: ModelSpec
+    model: Any
+    tokenizer: Any
+    quant: str
+    attention: str
+
+    @property
+    def device(self) -> Any:
+        return self.model.device
+
+
+class LoadError(Exception):
+    """A model that could not be loaded; tests that need it fail with this message."""
+
+
+class ModelStore:
+    """Loads each (model, dtype, quantization, device) once per session; keeps the last few alive."""
+
+    def __init__(self, device: str, dtype: str, seed: int, trust_remote_code: bool, keep: int = 3) -> None:
+        self.device = device
+        self.dtype = dtype
+        self.seed = seed
+        self.trust_remote_code = trust_remote_code
+        self.keep = keep
+        self._models: OrderedDict[tuple[str, str, str], Loaded] = OrderedDict()
+        self._failures: dict[tuple[str, str, str], str] = {}
+        self._tokenizers: dict[str, Any] = {}
+
+    def tokenizer(self, spec: ModelSpec) -> Any:
+        if spec.ref not in self._tokenizers:
+            self._tokenizers[spec.ref] = load_tokenizer(spec, self.trust_remote_code)
+        return self._tokenizers[spec.ref]
+
+    def load(self, spec: ModelSpec, attention: str, quant: str = "none") -> Loaded:
+        """The model with ``attention`` set; loads it (or reloads it, where it cannot switch) if needed."""
+        from . import compat
+
+        key = (spec.ref, quant, attention if not self._can_switch() else "*")
+        if key in self._failures:
+            raise LoadError(self._failures[key] + " (failed earlier in this session)")
+        loaded = self._models.get(key)
+        if loaded is None:
+            loaded = self._load(spec, attention, quant, key)
+        self._models.move_to_end(key)
+        if loaded.attention != attention:
+            if not compat.set_attention(loaded.model, attention):
+                raise LoadError(f"{spec.name}: could not switch attention to {attention}")
+            loaded.attention = attention
+        return loaded
+
+    @staticmethod
+    def _can_switch() -> bool:
+        from . import compat
+
+        return compat.TRANSFORMERS.release >= (4, 48)
+
+    def _load(self, spec: ModelSpec, attention: str, quant: str, key: tuple[str, str, str]) -> Loaded:
+        import torch
+
+        from . import compat
+
+        while len(self._models) >= self.keep:
+            self._models.popitem(last=False)
+            release_memory()
+        dtype = getattr(torch, self.dtype)
+        try:
+            if spec.kind == "builtin" and quant == "none":
+                model = zoo.build_builtin(spec.ref, self.seed, dtype, self.device, compat.from_config)
+            else:
+                source = spec.ref if spec.kind != "builtin" else _saved_builtin(spec.ref, self.seed)
+                quant_config = compat.bnb_config(quant, dtype) if quant != "none" else None
+                model = compat.from_pretrained(source, dtype, self.device, attention, quant_config, self.trust_remote_code)
+                model = model.eval()
+                if quant == "none" and self.device == "cpu":
+                    model = model.to(self.device)
+            if not compat.set_attention(model, attention):
+                raise LoadError(f"{spec.name}: attention implementation {attention} could not be set")
+        except torch.cuda.OutOfMemoryError as exc:
+            message = f"{spec.name}: out of GPU memory while loading ({quant}, {self.dtype}): {str(exc).splitlines()[0]}"
+            self._failures[key] = message
+            release_memory()
+            raise LoadError(message) from None
+        except LoadError as exc:
+            self._failures[key] = str(exc)
+            raise
+        except Exception as exc:
+            message = f"{spec.name}: could not load ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+            self._failures[key] = message
+            raise LoadError(message) from exc
+        loaded = Loaded(spec, model, self.tokenizer(spec), quant, attention)
+        self._models[key] = loaded
+        return loaded
+
+
+def load_tokenizer(spec: ModelSpec, trust_remote_code: bool) -> Any:
+    """The model's tokenizer, set for batched generation: left padding and a pad token."""
+    if spec.kind == "builtin":
+        return zoo.builtin_tokenizer(spec.ref)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(spec.ref, trust_remote_code=trust_remote_code)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.convert_ids_to_tokens(0)
+    return tok
+
+
+@functools.lru_cache(maxsize=None)
+def _saved_builtin(name: str, seed: int) -> str:
+    """A built-in model written to a temporary folder, for loaders that need from_pretrained (bnb)."""
+    import tempfile
+
+    import torch
+
+    from . import compat
+
+    folder = Path(tempfile.mkdtemp(prefix=f"llmopt-{name}-"))
+    model = zoo.build_builtin(name, seed, torch.float32, "cpu", compat.from_config)
+    model.save_pretrained(folder)
+    zoo.builtin_tokenizer(name).save_pretrained(folder)
+    return str(folder)
+
+
+def release_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

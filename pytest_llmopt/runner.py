@@ -1,0 +1,161 @@
+"""How a variant is run: generate() with the variant's cache, compile mode, attention and SDPA backend,
+or the hand-written static-cache decode loop of the transformers guide.
+
+Every run forces its output length (``min_new_tokens == max_new_tokens``, EOS kept defined but
+suppressed) and returns the raw logits of each new token, so two runs can be compared token by token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import compat
+from .machine import Machine
+from .models import Loaded, ModelSpec, ModelStore
+from .variants import Variant
+
+
+@dataclass
+class Generation:
+    """Prompt and generated ids with the raw logits of every generated position (float32, on CPU)."""
+
+    prompt_ids: torch.Tensor  # [B, P]
+    sequences: torch.Tensor  # [B, P + N]
+    logits: torch.Tensor | None  # [B, N, V]
+    attention_mask: torch.Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def new_tokens(self) -> torch.Tensor:
+        return self.sequences[:, self.prompt_ids.shape[1] :]
+
+
+@dataclass
+class Runner:
+    """One model under one variant. Attention and SDPA backend are (re)applied on every call, because
+    the model object is shared with other variants of the session."""
+
+    store: ModelStore
+    spec: ModelSpec
+    variant: Variant
+    machine: Machine
+
+    @property
+    def loaded(self) -> Loaded:
+        return self.store.load(self.spec, self.variant.attn_implementation, self.variant.quant)
+
+    @property
+    def model(self) -> Any:
+        return self.loaded.model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.store.tokenizer(self.spec)
+
+    @property
+    def eos_ids(self) -> list[int]:
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[Any]:
+        """The model with this variant's attention in effect, under torch.no_grad (inference tensors could not be reset by the caller)."""
+        model = self.model
+        with compat.sdpa_backend(self.variant.sdpa_backend), torch.no_grad():
+            yield model
+
+    def encode(self, texts: Sequence[str] | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask, left-padded, on the model's device."""
+        batch = [texts] if isinstance(texts, str) else list(texts)
+        enc = self.tokenizer(batch, return_tensors="pt", padding=True)
+        device = self.model.device
+        return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        new_tokens: int,
+        do_sample: bool = False,
+        **extra: Any,
+    ) -> Generation:
+        """Generate exactly ``new_tokens`` tokens on this variant's path."""
+        if self.variant.compile in ("default", "reduce-overhead"):
+            if do_sample or extra:
+                raise ValueError("the hand-written compiled decode loop is greedy and takes no extra arguments")
+            return self.decode_loop(input_ids, new_tokens, compile_mode=self.variant.compile)
+        kwargs = compat.generate_kwargs(
+            new_tokens=new_tokens,
+            cache=self.variant.cache,
+            compile_mode=self.variant.compile,
+            device_type=self.machine.device_type,
+            do_sample=do_sample,
+        )
+        if self.variant.cache == "static-object" and "cache_object" not in extra:
+            cache = compat.make_static_cache(self.model, input_ids.shape[0], input_ids.shape[1] + new_tokens)
+            kwargs[compat.cache_keyword(self.model)] = cache
+        if "cache_object" in extra:
+            kwargs[compat.cache_keyword(self.model)] = extra.pop("cache_object")
+        kwargs.update(extra)
+        with self.active() as model:
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        logits = torch.stack(out.logits, dim=1).float().cpu() if out.logits else None
+        return Generation(input_ids.cpu(), out.sequences.cpu(), logits, None if attention_mask is None else attention_mask.cpu())
+
+    def decode_loop(
+        self,
+        input_ids: torch.Tensor,
+        new_tokens: int,
+        compile_mode: str = "off",
+        cache: Any = None,
+    ) -> Generation:
+        """The guide's pattern: eager prefill into a StaticCache, then one (compiled) forward per token.
+
+        Greedy, no padding. EOS is masked like min_new_tokens masks it. With CUDA graphs the output
+        buffer is reused by the next replay, so each step's logits are cloned.
+        """
+        batch, prompt_len = input_ids.shape
+        total = prompt_len + new_tokens
+        with self.active() as model:
+            if cache is None:
+                cache = compat.make_static_cache(model, batch, total)
+            step = self._step_function(compile_mode)
+            out = compat.forward_step(model, input_ids, cache, 0)
+            logits = [out.logits[:, -1].float()]
+            tokens = [self._pick(logits[-1])]
+            for position in range(prompt_len, total - 1):
+                if compile_mode == "reduce-overhead":
+                    torch.compiler.cudagraph_mark_step_begin()
+                out = step(**compat.step_kwargs(model, tokens[-1], cache, position))
+                logits.append(out.logits[:, -1].float().clone())
+                tokens.append(self._pick(logits[-1]))
+        sequences = torch.cat([input_ids, *tokens], dim=1).cpu()
+        return Generation(input_ids.cpu(), sequences, torch.stack(logits, dim=1).cpu(), extras={"cache": cache})
+
+    def _pick(self, logits: torch.Tensor) -> torch.Tensor:
+        masked = logits.clone()
+        masked[:, self.eos_ids] = float("-inf")
+        return masked.argmax(dim=-1, keepdim=True)
+
+    def _step_function(self, compile_mode: str) -> Any:
+        model = self.model
+        if compile_mode == "off":
+            return model
+        # Kept on the model so that it lives and dies with it; warm-up happens once per session.
+        compiled = model.__dict__.setdefault("_llmopt_compiled", {})
+        if compile_mode not in compiled:
+            compiled[compile_mode] = torch.compile(model.forward, mode=compile_mode, fullgraph=True)
+        return compiled[compile_mode]
+
+    def forward_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Logits of every position of one forward pass (float32, CPU)."""
+        with self.active() as model:
+            out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.logits.float().cpu()

@@ -1,0 +1,62 @@
+"""What one pytest session knows: its settings, its models and prompts, the machine, the model store.
+
+Built at configure time from the settings. The machine is probed at configure time too (a device
+that does not exist is a usage error); the model store is made on first use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from . import models, prompts
+from .models import ModelSpec
+from .prompts import Prompt
+from .settings import Settings
+
+
+@dataclass
+class LlmoptSession:
+    settings: Settings
+    models: tuple[ModelSpec, ...]
+    assistant: ModelSpec | None
+    prompts: tuple[Prompt, ...]
+    _machine: Any = field(default=None, repr=False)
+    _store: Any = field(default=None, repr=False)
+
+    @property
+    def machine(self) -> Any:
+        """machine.Machine, probed once (raises UsageError for a device that does not exist)."""
+        if self._machine is None:
+            from . import machine
+
+            try:
+                self._machine = machine.probe(self.settings.device, self.settings.dtype)
+            except ValueError as exc:
+                raise pytest.UsageError(f"pytest-llmopt: {exc}") from None
+        return self._machine
+
+    @property
+    def store(self) -> Any:
+        """models.ModelStore of this session (one per process: each xdist worker has its own)."""
+        if self._store is None:
+            m = self.machine
+            keep = 8 if m.device_type == "cpu" else 2
+            self._store = models.ModelStore(m.device, m.dtype, self.settings.seed, self.settings.trust_remote_code, keep)
+        return self._store
+
+
+def build(settings: Settings) -> LlmoptSession:
+    """Resolve models and prompts; a bad one is one UsageError for the whole session."""
+    try:
+        specs = tuple(dict.fromkeys(models.resolve(ref) for ref in settings.models))
+        assistant = models.resolve(settings.assistant, "--llmopt-assistant") if settings.assistant else None
+    except models.ModelError as exc:
+        raise pytest.UsageError(f"pytest-llmopt: {exc}") from None
+    try:
+        loaded_prompts = prompts.load(settings.prompts)
+    except prompts.PromptFileError as exc:
+        raise pytest.UsageError(f"pytest-llmopt: --llmopt-prompts: {exc}") from None
+    return LlmoptSession(settings, specs, assistant, loaded_prompts)
