@@ -50,7 +50,7 @@ def variants_of(marker: pytest.Mark, dtype: str) -> tuple[list[V.Variant], dict[
     return V.matrix(dtype=dtype, **axes), dict(marker.kwargs.get("reference") or {})
 
 
-def params_for(session: LlmoptSession, marker: pytest.Mark) -> list[Any]:
+def params_for(session: LlmoptSession, marker: pytest.Mark, test_name: str) -> list[Any]:
     """pytest.param objects for every (model, variant), with their markers and skip reasons."""
     from . import compat, models
 
@@ -69,6 +69,9 @@ def params_for(session: LlmoptSession, marker: pytest.Mark) -> list[Any]:
             reason = reason or compat.missing_feature(variant.compile, variant.cache)
             if reason:
                 marks.append(pytest.mark.skip(reason=reason))
+            issue = compat.known_issue(test_name, variant.cache, variant.attention, machine.device_type)
+            if issue and not reason:
+                marks.append(pytest.mark.xfail(reason=issue.reason, raises=compat.exception_class(issue.raises), strict=False))
             out.append(pytest.param(param, id=param.id, marks=marks))
     return out
 
@@ -138,7 +141,13 @@ class Case:
         from .models import LoadError
         from .runner import Runner
 
-        runner = Runner(self.session.store, spec or self.spec, variant or self.variant, self.session.machine)
+        variant = variant or self.variant
+        if spec is not None and spec != self.spec and variant.attention == "sdpa":
+            from . import models
+
+            if not models.describe(spec, self.session.settings.trust_remote_code).capabilities.get("sdpa", True):
+                variant = replace(variant, attention="eager")  # another model (a draft): its own default attention
+        runner = Runner(self.session.store, spec or self.spec, variant, self.session.machine)
         try:
             model = runner.model
         except LoadError as exc:
@@ -189,6 +198,27 @@ class Case:
             reproduce=self.reproduce,
         )
         self._keep_stats(verdict.stats)
+        if not verdict.ok:
+            pytest.fail(verdict.message, pytrace=False)
+        return verdict
+
+    def check_distribution(self, runner: Any, text: str, samples: int, new_tokens: int, what: str = "", **extra: Any) -> Any:
+        """Fail unless sampled continuations of ``text`` on ``runner`` (with ``extra`` generate arguments,
+        e.g. an assistant) follow the plain model's distribution (equivalence.distribution_test)."""
+        from .equivalence import distribution_test
+
+        plain = self.runner(self.param.reference)
+        ids, _ = plain.encode(text)
+        drawn = runner.sample(ids, samples, new_tokens, self.seed, **extra)
+        verdict = distribution_test(
+            drawn.cpu(),
+            ids[0].cpu(),
+            lambda full: plain.exact_probs(full, ids.shape[1]),
+            seed=self.seed,
+            label=f"{self.label}{' (' + what + ')' if what else ''}",
+            reproduce=self.reproduce,
+        )
+        self.record(ks_statistic=round(verdict.statistic, 5), ks_pvalue=verdict.pvalue, pit_values=verdict.values)
         if not verdict.ok:
             pytest.fail(verdict.message, pytrace=False)
         return verdict

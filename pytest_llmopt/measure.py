@@ -52,3 +52,34 @@ def _first(config: Any, *names: str) -> int:
         if isinstance(value, int):
             return value
     raise ValueError(f"{type(config).__name__} has none of {names}")
+
+
+@dataclass
+class CompileCount:
+    """Graphs dynamo compiled inside a ``watch_compiles`` block, and why it recompiled."""
+
+    graphs: int = 0
+    reasons: list[str] | None = None
+
+
+class watch_compiles:  # noqa: N801 - used as a context manager, reads like one
+    """Count graphs compiled meanwhile (dynamo's ``unique_graphs`` counter) and collect the guard
+    failures that caused recompiles, so a failure can say *why* it recompiled."""
+
+    def __enter__(self) -> CompileCount:
+        from torch._dynamo import utils
+
+        self._utils = utils
+        self._before = utils.counters["stats"]["unique_graphs"]
+        self._failures_before = {code: len(f) for code, f in utils.guard_failures.items()}
+        self.count = CompileCount()
+        return self.count
+
+    def __exit__(self, *exc: object) -> None:
+        utils = self._utils
+        self.count.graphs = utils.counters["stats"]["unique_graphs"] - self._before
+        reasons: list[str] = []
+        for code, failures in utils.guard_failures.items():
+            for failure in failures[self._failures_before.get(code, 0) :]:
+                reasons.append(str(getattr(failure, "reason", failure)).splitlines()[0][:200])
+        self.count.reasons = reasons

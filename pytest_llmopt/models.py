@@ -159,6 +159,9 @@ class ModelStore:
         self._failures: dict[tuple[str, str, str], str] = {}
         self._tokenizers: dict[str, Any] = {}
 
+    def describe(self, spec: ModelSpec) -> ModelInfo:
+        return describe(spec, self.trust_remote_code)
+
     def tokenizer(self, spec: ModelSpec) -> Any:
         if spec.ref not in self._tokenizers:
             self._tokenizers[spec.ref] = load_tokenizer(spec, self.trust_remote_code)

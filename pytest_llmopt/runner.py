@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 import torch
 
 from . import compat
@@ -105,7 +106,13 @@ class Runner:
             kwargs[compat.cache_keyword(self.model)] = extra.pop("cache_object")
         kwargs.update(extra)
         with self.active() as model:
-            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            try:
+                out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            except ValueError as exc:
+                reason = compat.refusal(exc)
+                if reason is None:
+                    raise
+                pytest.skip(f"unsupported by transformers {compat.TRANSFORMERS}: {reason}")
         logits = torch.stack(out.logits, dim=1).float().cpu() if out.logits else None
         return Generation(input_ids.cpu(), out.sequences.cpu(), logits, None if attention_mask is None else attention_mask.cpu())
 
@@ -159,3 +166,21 @@ class Runner:
         with self.active() as model:
             out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return out.logits.float().cpu()
+
+    def sample(self, input_ids: torch.Tensor, samples: int, new_tokens: int, seed: int, **extra: Any) -> torch.Tensor:
+        """``samples`` independent sampled continuations of one prompt (batch 1: assisted decoding needs it)."""
+        torch.manual_seed(seed)
+        rows = [self.generate(input_ids, None, new_tokens, do_sample=True, **extra).new_tokens for _ in range(samples)]
+        return torch.cat(rows, dim=0)
+
+    def exact_probs(self, full_ids: torch.Tensor, prompt_len: int, chunk: int = 64) -> torch.Tensor:
+        """The distribution each generated token was drawn from under plain sampling (temperature 1,
+        no top-k/top-p, EOS masked as min_new_tokens masks it), by teacher forcing: [n, L, V] float64."""
+        out = []
+        eos = self.eos_ids
+        for start in range(0, full_ids.shape[0], chunk):
+            ids = full_ids[start : start + chunk].to(self.model.device)
+            logits = self.forward_logits(ids, None)[:, prompt_len - 1 : -1].double()
+            logits[..., eos] = float("-inf")
+            out.append(torch.softmax(logits, dim=-1))
+        return torch.cat(out, dim=0)

@@ -1,0 +1,70 @@
+"""Attention implementations and SDPA backends against eager attention, the reference.
+
+On logits (every real position of a left-padded batch, per-dtype tolerance) and on generation
+(tie-aware), with an attention mask, and on a long prompt (past the sliding window of the models that
+have one). Implementations the model does not declare, or the machine cannot run, are skipped.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from pytest_llmopt.prompts import long_prompt
+from pytest_llmopt.variants import ATTENTIONS
+
+CANDIDATES = [name for name in ATTENTIONS if name != "eager"]
+TO_EAGER = {"attention": "eager"}
+LONG_TOKENS = {"cpu": 384, "cuda": 2048}
+
+
+def _batch(case, runner):
+    ids, mask = runner.encode([p.text for p in case.prompts])
+    if bool(mask.all()):
+        pytest.skip("the prompts tokenize to equal lengths: no padding to check")
+    return ids, mask
+
+
+@pytest.mark.llmopt(attention=CANDIDATES, reference=TO_EAGER)
+def test_logits_match_eager(llmopt_case):
+    """One forward pass over a left-padded batch: logits at every real position match eager's."""
+    case = llmopt_case
+    reference, target = case.reference, case.target
+    ids, mask = _batch(case, target)
+    _check_logits(case, reference.forward_logits(ids, mask), target.forward_logits(ids, mask), mask.cpu(), "padded batch")
+
+
+@pytest.mark.llmopt(attention=CANDIDATES, reference=TO_EAGER)
+def test_generation_matches_eager(llmopt_case):
+    """Greedy generation of a left-padded batch equals eager's, up to near-ties."""
+    case = llmopt_case
+    reference, target = case.reference, case.target
+    ids, mask = _batch(case, target)
+    case.check_greedy(reference.generate(ids, mask, case.new_tokens), target.generate(ids, mask, case.new_tokens), path="attention")
+
+
+@pytest.mark.llmopt(attention=CANDIDATES, reference=TO_EAGER)
+def test_long_prompt_matches_eager(llmopt_case):
+    """A long prompt next to a shorter one (so, padded): logits and generation match eager's."""
+    case = llmopt_case
+    reference, target = case.reference, case.target
+    limit = case.session.store.describe(case.spec).max_positions or 4096
+    length = min(LONG_TOKENS[case.session.machine.device_type], limit - case.new_tokens - 8)
+    text = long_prompt(target.tokenizer, length)
+    ids, mask = target.encode([text, long_prompt(target.tokenizer, length // 2)])
+    _check_logits(case, reference.forward_logits(ids, mask), target.forward_logits(ids, mask), mask.cpu(), f"prompt of {ids.shape[1]} tokens")
+    case.check_greedy(
+        reference.generate(ids, mask, case.new_tokens),
+        target.generate(ids, mask, case.new_tokens),
+        path="attention",
+        what=f"prompt of {ids.shape[1]} tokens",
+    )
+
+
+def _check_logits(case, reference, candidate, mask, what):
+    from pytest_llmopt.equivalence import compare_logits
+
+    verdict = compare_logits(reference, candidate, mask, case.tolerance("attention"), label=f"{case.label} ({what})", reproduce=case.reproduce)
+    case.record(logits_max_delta=max(verdict.max_delta, case.__dict__.get("_logits_max", 0.0)))
+    case.__dict__["_logits_max"] = max(verdict.max_delta, case.__dict__.get("_logits_max", 0.0))
+    if not verdict.ok:
+        pytest.fail(verdict.message, pytrace=False)

@@ -1,0 +1,83 @@
+"""torch.compile: compiled decoding gives the eager answer, and does not recompile once warm.
+
+Two ways users compile: generate()'s own auto-compile of the decode step when the cache is static
+(``compile=auto``; on CPU the plugin asks generate to compile anyway, in inductor's default mode), and
+``torch.compile(model.forward, fullgraph=True)`` in the guide's hand-written decode loop
+(``compile=default`` or ``reduce-overhead``, the latter with CUDA graphs, GPU only). A model without
+``_can_compile_fullgraph`` is reported unsupported.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from pytest_llmopt.measure import watch_compiles
+
+TO_EAGER = {"cache": "dynamic", "compile": "off"}
+WARMUP_GRAPHS = 2  # a decode graph, and at most one more (e.g. the first decode step's mask shape)
+
+
+@pytest.mark.llmopt(cache="static", compile="auto", reference=TO_EAGER)
+def test_auto_compile_matches_eager(llmopt_case):
+    """generate() with a static cache compiles its decode steps: the tokens equal eager, dynamic-cache ones."""
+    case = llmopt_case
+    reference, target = case.reference, case.target
+    for prompt in case.prompts:
+        ids, mask = reference.encode(prompt.text)
+        case.check_greedy(
+            reference.generate(ids, mask, case.new_tokens),
+            target.generate(ids, mask, case.new_tokens),
+            path="compile",
+            what=f"prompt {prompt.name!r}",
+        )
+
+
+@pytest.mark.llmopt(cache="static-object", compile=["default", "reduce-overhead"], reference=TO_EAGER)
+def test_fullgraph_decode_loop_matches_eager(llmopt_case):
+    """torch.compile(forward, fullgraph=True) in the guide's decode loop: tokens equal eager generate()."""
+    case = llmopt_case
+    reference, target = case.reference, case.target
+    for prompt in case.prompts:
+        ids, mask = reference.encode(prompt.text)
+        case.check_greedy(
+            reference.generate(ids, mask, case.new_tokens),
+            target.generate(ids, mask, case.new_tokens),
+            path="compile",
+            what=f"prompt {prompt.name!r}",
+        )
+
+
+@pytest.mark.llmopt(cache=["static", "static-object"], compile=["auto", "default", "reduce-overhead"], reference=TO_EAGER)
+def test_no_recompile_after_warmup(llmopt_case):
+    """After one warm-up call, calls of the same shapes with other inputs compile nothing new.
+
+    A recompile per step (a guard on a value that changes every token) costs seconds per call and, past
+    dynamo's recompile limit, silently falls back to eager; both show up here, with dynamo's reasons.
+    """
+    case = llmopt_case
+    target = case.target
+    if case.variant.cache == "static" and case.variant.compile != "auto":
+        pytest.skip("generate() with cache_implementation='static' compiles only in auto mode; explicit modes use the decode loop")
+    if case.variant.cache == "static-object" and case.variant.compile == "auto":
+        pytest.skip("auto-compile is checked with cache_implementation='static'")
+    texts = [p.text for p in case.prompts]
+    width = min(len(target.tokenizer(t)["input_ids"]) for t in texts)
+    encoded = [target.encode(t)[0][:, :width] for t in texts]  # same shape, different tokens
+    with watch_compiles() as warmup:
+        target.generate(encoded[0], None, case.new_tokens)
+    with watch_compiles() as after:
+        for ids in encoded[1:] + encoded[:1]:
+            target.generate(ids, None, case.new_tokens)
+    case.record(compiles_warmup=warmup.graphs, recompiles=after.graphs)
+    assert warmup.graphs <= WARMUP_GRAPHS, (
+        f"{case.label}: {warmup.graphs} graphs compiled during one warm-up call of {case.new_tokens} tokens "
+        f"(expected at most {WARMUP_GRAPHS}): it recompiles while decoding.\n  dynamo's reasons: {_reasons(warmup.reasons)}"
+    )
+    assert after.graphs == 0, (
+        f"{case.label}: {after.graphs} recompile(s) after warm-up on same-shape inputs.\n  dynamo's reasons: {_reasons(after.reasons)}"
+    )
+
+
+def _reasons(reasons: list[str] | None) -> str:
+    unique = list(dict.fromkeys(reasons or []))
+    return "; ".join(unique[:5]) + (f" (+{len(unique) - 5} more)" if len(unique) > 5 else "") if unique else "none recorded"

@@ -1,0 +1,132 @@
+"""Speculative (assisted) decoding: greedy with a draft model equals greedy without one, and sampling
+with a draft model samples from the target's distribution.
+
+Drafts: the target itself (every draft accepted), a "contrarian" copy whose draft is never the target's
+choice (every draft rejected), transformers' early-exit self-speculation (a realistic partial acceptance),
+your --llmopt-assistant, and a draft with another tokenizer (universal assisted decoding). Acceptance
+rates are recorded: they are deterministic for greedy decoding, so a change is a behaviour change.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from pytest_llmopt import assistants, zoo
+from pytest_llmopt.compat import early_exit_unsupported, layers_restored, track_drafts
+
+SAMPLES, SAMPLE_TOKENS = 200, 8
+
+
+def _greedy_with(case, runner, what, **extra):
+    """Every prompt: greedy with ``extra`` (the draft) vs plain greedy; returns the draft statistics."""
+    reference = case.reference
+    with track_drafts() as drafts:
+        for prompt in case.prompts:
+            ids, mask = runner.encode(prompt.text)
+            case.check_greedy(
+                reference.generate(ids, mask, case.new_tokens),
+                runner.generate(ids, mask, case.new_tokens, **extra),
+                path="assisted",
+                what=f"{what}, prompt {prompt.name!r}",
+            )
+    case.record(draft_tokens=drafts.proposed, accepted_tokens=drafts.accepted, acceptance_rate=drafts.acceptance_rate)
+    assert drafts.proposed > 0, f"{case.label}: the {what} proposed no draft token, so nothing was verified"
+    return drafts
+
+
+@pytest.mark.llmopt(cache=["dynamic", "static"], reference={"cache": "dynamic"})
+def test_self_draft_is_always_accepted(llmopt_case):
+    """The target drafting for itself: output equals plain greedy, and (almost) every draft is accepted;
+    a rejected self-draft is a near-tie between the draft's and the verifier's kernels, nothing more."""
+    case = llmopt_case
+    target = case.target
+    drafts = _greedy_with(case, target, "self draft", assistant_model=assistants.build(target.model, "self"))
+    assert drafts.acceptance_rate >= 0.9, (
+        f"{case.label}: the model drafting for itself had only {drafts.accepted}/{drafts.proposed} drafts accepted "
+        f"({drafts.acceptance_rate:.0%}); verification disagrees with the draft's own greedy choice"
+    )
+
+
+@pytest.mark.llmopt(cache=["dynamic", "static"], reference={"cache": "dynamic"})
+def test_contrarian_draft_is_always_rejected(llmopt_case):
+    """A draft that never proposes the target's choice: output still equals plain greedy, and no draft is
+    accepted (an accepted one means verification let a wrong token through)."""
+    case = llmopt_case
+    target = case.target
+    drafts = _greedy_with(case, target, "contrarian draft", assistant_model=assistants.build(target.model, "contrarian"))
+    assert drafts.acceptance_rate <= 0.05, (
+        f"{case.label}: {drafts.accepted}/{drafts.proposed} drafts of a draft that never agrees with the target were accepted"
+    )
+
+
+@pytest.mark.llmopt(reference={})
+def test_early_exit_self_speculation(llmopt_case):
+    """assistant_early_exit (the first half of the layers drafts): output equals plain greedy."""
+    case = llmopt_case
+    target = case.target
+    reason = early_exit_unsupported(target.model)
+    if reason:
+        pytest.skip(reason)
+    layers = getattr(target.model.config.get_text_config(), "num_hidden_layers", None)
+    if not layers or layers < 2:
+        pytest.skip(f"unsupported by the model: {layers} layer(s), nothing to exit early from")
+    with layers_restored(target.model):
+        _greedy_with(case, target, f"early exit after {layers // 2} layers", assistant_early_exit=layers // 2)
+
+
+@pytest.mark.llmopt(reference={})
+def test_user_assistant(llmopt_case):
+    """Your --llmopt-assistant drafting for each model: output equals plain greedy (universal assisted
+    decoding when the tokenizers differ)."""
+    case = llmopt_case
+    spec = case.session.assistant
+    if spec is None:
+        pytest.skip("no assistant given: pass --llmopt-assistant=MODEL to check your draft model")
+    target = case.target
+    draft = case.runner(spec=spec)
+    _greedy_with(case, target, f"assistant {spec.name}", **_assistant_kwargs(target, draft))
+
+
+@pytest.mark.llmopt(reference={})
+def test_universal_assisted_decoding(llmopt_case):
+    """A draft with another tokenizer (universal assisted decoding re-tokenizes between the two):
+    output equals plain greedy."""
+    case = llmopt_case
+    target = case.target
+    spec = case.session.assistant
+    if spec is None or _same_vocabulary(target.tokenizer, case.runner(spec=spec).tokenizer):
+        spec = _other_tokenizer_builtin(case, target)
+    draft = case.runner(spec=spec)
+    _greedy_with(case, target, f"assistant {spec.name} (other tokenizer)", **_assistant_kwargs(target, draft))
+
+
+@pytest.mark.llmopt(reference={})
+@pytest.mark.parametrize("kind", assistants.KINDS)
+def test_speculative_sampling_keeps_the_distribution(llmopt_case, kind):
+    """Sampling with a draft (accept with probability min(1, p/q), else resample from max(p - q, 0)) draws
+    from the target's own distribution: checked with a Kolmogorov-Smirnov test on PIT values (alpha 1e-3)."""
+    case = llmopt_case
+    target = case.target
+    draft = assistants.build(target.model, kind)
+    case.check_distribution(target, case.prompts[0].text, SAMPLES, SAMPLE_TOKENS, what=f"{kind} draft", assistant_model=draft)
+
+
+def _same_vocabulary(a, b) -> bool:
+    return a.get_vocab() == b.get_vocab()
+
+
+def _assistant_kwargs(target, draft) -> dict:
+    kwargs = {"assistant_model": draft.model}
+    if not _same_vocabulary(target.tokenizer, draft.tokenizer):
+        kwargs.update(tokenizer=target.tokenizer, assistant_tokenizer=draft.tokenizer)
+    return kwargs
+
+
+def _other_tokenizer_builtin(case, target):
+    from pytest_llmopt.models import ModelSpec
+
+    for name in (zoo.DEFAULT_ASSISTANT_OTHER_TOKENIZER, zoo.DEFAULT_MODEL):
+        spec = ModelSpec(name, "builtin")
+        if not _same_vocabulary(target.tokenizer, case.session.store.tokenizer(spec)):
+            return spec
+    pytest.skip("no built-in model with another tokenizer than the target's")

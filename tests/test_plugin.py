@@ -1,0 +1,204 @@
+"""The plugin seen from pytest: markers, parametrization ids, skip reasons, deselection, the header,
+and the one clear error for a bad model."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import pytest
+
+from conftest import shared_model
+
+SUITE = """
+import pytest
+
+@pytest.mark.llmopt(cache=["dynamic", "static"], reference={"cache": "dynamic"})
+def test_cache(llmopt_case):
+    assert llmopt_case.variant.cache in ("dynamic", "static")
+    assert llmopt_case.param.reference.cache == "dynamic"
+
+@pytest.mark.llmopt(attention=["eager", "sdpa:flash", "flash_attention_2"], quant=["none", "nf4"])
+def test_attention(llmopt_case):
+    pass
+
+@pytest.mark.llmopt(cache="static", compile=["auto", "reduce-overhead"])
+def test_compile(llmopt_case):
+    pass
+"""
+
+
+@pytest.fixture
+def suite(pytester: pytest.Pytester, clean_env: pytest.MonkeyPatch) -> pytest.Pytester:
+    pytester.makepyfile(test_suite=SUITE)
+    return pytester
+
+
+def test_markers_are_registered_with_their_signature(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest("--markers")
+    result.stdout.fnmatch_lines(
+        [
+            "@pytest.mark.llmopt(cache=..., compile=..., attention=..., quant=..., reference={axis: value}):*",
+            "@pytest.mark.llmopt_cuda:*",
+            "@pytest.mark.llmopt_bitsandbytes:*",
+            "@pytest.mark.llmopt_flash_attn:*",
+            "@pytest.mark.llmopt_compile:*",
+        ]
+    )
+
+
+def test_ids_cross_models_and_variants(suite: pytest.Pytester) -> None:
+    result = suite.runpytest("--collect-only", "-q", "--llmopt-model=tiny-llama", "--llmopt-model=tiny-gpt2", "--llmopt-dtype=float32")
+    result.stdout.fnmatch_lines(
+        [
+            "test_suite.py::test_cache[[]dynamic/sdpa/fp32@tiny-llama[]]",
+            "test_suite.py::test_cache[[]static/sdpa/fp32@tiny-llama[]]",
+            "test_suite.py::test_cache[[]dynamic/sdpa/fp32@tiny-gpt2[]]",
+            "test_suite.py::test_cache[[]static/sdpa/fp32@tiny-gpt2[]]",
+            "test_suite.py::test_attention[[]dynamic/sdpa:flash/nf4/fp32@tiny-llama[]]",
+            "test_suite.py::test_compile[[]static+compile/sdpa/fp32@tiny-llama[]]",
+            "test_suite.py::test_compile[[]static+compile:reduce-overhead/sdpa/fp32@tiny-llama[]]",
+        ]
+    )
+
+
+def test_machine_requirements_skip_with_how_to_enable(suite: pytest.Pytester) -> None:
+    result = suite.runpytest("-rs", "--llmopt-device=cpu", "--llmopt-dtype=float32", "-k", "test_attention")
+    result.stdout.fnmatch_lines(
+        [
+            "*needs CUDA: run on a GPU runner (--llmopt-device=cuda or auto)*",
+        ]
+    )
+    result.assert_outcomes(passed=1, skipped=5)
+
+
+def test_requirement_markers_are_applied(suite: pytest.Pytester) -> None:
+    result = suite.runpytest("--collect-only", "-q", "-m", "llmopt_bitsandbytes")
+    result.stdout.fnmatch_lines(["*test_attention[[]dynamic/eager/nf4/fp32@tiny-llama[]]*"])
+    assert "nf4" in result.stdout.str() and "test_cache" not in result.stdout.str()
+    compiled = suite.runpytest("--collect-only", "-q", "-m", "llmopt_compile")
+    compiled.stdout.fnmatch_lines(["*test_compile*", "*2/10 tests collected*"])
+
+
+def test_model_without_capability_is_unsupported_not_failed(suite: pytest.Pytester) -> None:
+    result = suite.runpytest("-rs", "--llmopt-model=tiny-gptneo", "-k", "test_compile or test_cache")
+    result.stdout.fnmatch_lines(["*unsupported by the model: GPTNeoForCausalLM does not declare _can_compile_fullgraph*"])
+    result.assert_outcomes(passed=1, skipped=3)
+
+
+def test_variant_selection_deselects(suite: pytest.Pytester) -> None:
+    result = suite.runpytest("-q", "--llmopt-variants=cache=static attention!=flash*", "--llmopt-device=cpu")
+    result.stdout.fnmatch_lines(["*deselected*"])
+    outcomes = result.parseoutcomes()
+    assert outcomes["deselected"] == 6 + 1  # 6 attention variants with eager/flash... see below
+    assert outcomes.get("passed", 0) == 1
+
+
+def test_report_header_names_models_device_dtype_and_versions(suite: pytest.Pytester) -> None:
+    result = suite.runpytest("--llmopt-model=tiny-llama", "--llmopt-model=tiny-gpt2", "--llmopt-device=cpu", "-k", "nothing")
+    result.stdout.fnmatch_lines(
+        [
+            "llmopt: models tiny-llama, tiny-gpt2",
+            "llmopt: device cpu, dtype float32, variants all, seed 0",
+            "llmopt: torch *, transformers *, bitsandbytes *, flash-attn *",
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    ("model", "fragment"),
+    [
+        ("does/not-exist", "--llmopt-model=does/not-exist: not a built-in model*"),
+        ("./no/such/folder", "--llmopt-model=./no/such/folder: no such folder*"),
+        ("not a name!", "--llmopt-model=not a name!: no such folder*"),
+    ],
+)
+def test_bad_model_is_one_clear_error(suite: pytest.Pytester, model: str, fragment: str) -> None:
+    started = time.monotonic()
+    result = suite.runpytest_subprocess(f"--llmopt-model={model}", "--llmopt-model=tiny-llama")
+    elapsed = time.monotonic() - started
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"ERROR: pytest-llmopt: {fragment}"])
+    assert result.stderr.str().count("ERROR") == 1
+    assert "Traceback" not in result.stderr.str() + result.stdout.str()
+    assert "passed" not in result.stdout.str()
+    assert elapsed < 30, f"took {elapsed:.1f}s"
+
+
+def test_folder_without_config_is_rejected(suite: pytest.Pytester) -> None:
+    (suite.path / "empty").mkdir()
+    result = suite.runpytest("--llmopt-model=empty")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: pytest-llmopt: --llmopt-model=empty: the folder * has no config.json*"])
+
+
+def test_bad_assistant_is_one_clear_error(suite: pytest.Pytester) -> None:
+    result = suite.runpytest("--llmopt-assistant=./nowhere")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: pytest-llmopt: --llmopt-assistant=./nowhere: no such folder*"])
+
+
+def test_offline_hub_id_not_in_cache(suite: pytest.Pytester, clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("HF_HUB_OFFLINE", "1")
+    result = suite.runpytest_subprocess("--llmopt-model=someone/some-model")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*not in the local cache and HF_HUB_OFFLINE is set*"])
+
+
+def test_unloadable_model_fails_its_tests_once_each_and_the_session_goes_on(suite: pytest.Pytester) -> None:
+    broken = suite.path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama", "vocab_size": 32, "hidden_size": 8, "num_attention_heads": 2, "num_hidden_layers": 1, "intermediate_size": 16}')
+    suite.makepyfile(
+        test_load="""
+        import pytest
+
+        @pytest.mark.llmopt(cache=["dynamic", "static"])
+        def test_uses_model(llmopt_case):
+            llmopt_case.target
+
+        def test_other():
+            pass
+        """
+    )
+    result = suite.runpytest("test_load.py", "--llmopt-model=broken", "--llmopt-model=tiny-llama", "-rf")
+    result.assert_outcomes(passed=3, failed=2)
+    result.stdout.fnmatch_lines(["FAILED*broken*broken: could not load*", "FAILED*broken*failed earlier in this session*"])
+    assert "Traceback" not in result.stdout.str()
+
+
+def test_out_of_memory_fails_one_test_with_one_line(suite: pytest.Pytester) -> None:
+    suite.makepyfile(
+        test_oom="""
+        import torch
+
+        def test_oom():
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+
+        def test_after():
+            pass
+        """
+    )
+    result = suite.runpytest("test_oom.py", "-rf")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["FAILED test_oom.py::test_oom - out of GPU memory: CUDA out of memory. Tried to allocate 80.00 GiB"])
+
+
+def test_real_model_loads_through_the_local_folder_path(suite: pytest.Pytester) -> None:
+    path = shared_model("tinystories-656k")
+    result = suite.runpytest("-q", f"--llmopt-model={path}", "-k", "test_cache")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*"])
+    collected = suite.runpytest("--collect-only", "-q", f"--llmopt-model={path}", "-k", "test_cache")
+    collected.stdout.fnmatch_lines(["*test_cache[[]dynamic/sdpa/fp32@tinystories-656k[]]"])
+
+
+def test_test_without_marker_is_a_clear_usage_error(pytester: pytest.Pytester, clean_env: pytest.MonkeyPatch) -> None:
+    pytester.makepyfile("def test_x(llmopt_case): pass")
+    result = pytester.runpytest()
+    assert result.ret != 0
+    result.stdout.fnmatch_lines(["*a test using llmopt_case needs @pytest.mark.llmopt(...)*"])
+
+
+def test_python_version_is_supported() -> None:
+    assert sys.version_info >= (3, 9)
