@@ -12,8 +12,9 @@ as "unsupported by the model"; one the installed transformers lacks, as "unsuppo
 
 from __future__ import annotations
 
+import contextlib
 import shlex
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -148,10 +149,13 @@ class Case:
             if not models.describe(spec, self.session.settings.trust_remote_code).capabilities.get("sdpa", True):
                 variant = replace(variant, attention="eager")  # another model (a draft): its own default attention
         runner = Runner(self.session.store, spec or self.spec, variant, self.session.machine)
+        failure = None
         try:
             model = runner.model
         except LoadError as exc:
-            pytest.fail(str(exc), pytrace=False)
+            failure = str(exc)
+        if failure is not None:
+            pytest.fail(failure, pytrace=False)
         caps = compat.model_capabilities(model)
         for capability in runner.variant.model_requirements():
             if not caps[capability]:
@@ -179,6 +183,21 @@ class Case:
         if s.prompts:
             words.append(f"--llmopt-prompts={s.prompts}")
         return " ".join(shlex.quote(w) for w in words)
+
+    @contextlib.contextmanager
+    def explain(self, what: str) -> Iterator[None]:
+        """Turn an exception raised on the optimized path into a failure that says which case and step
+        raised it, and how to reproduce it (pytest's own outcomes pass through)."""
+        try:
+            yield
+        except (pytest.fail.Exception, pytest.skip.Exception, pytest.xfail.Exception):
+            raise
+        except Exception as exc:
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            pytest.fail(
+                f"{self.label} ({what}): the optimized path raised {type(exc).__name__}: {first}\n  reproduce: {self.reproduce}",
+                pytrace=False,
+            )
 
     def check_greedy(self, reference: Any, candidate: Any, path: str = "cache", what: str = "") -> Any:
         """Fail the test unless ``candidate`` equals ``reference`` up to a near-tie (equivalence.compare_greedy).

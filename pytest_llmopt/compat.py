@@ -243,6 +243,40 @@ def output_cache(outputs: Any) -> Any:
 # Generation
 
 
+def allow_recompiles(limit: int) -> None:
+    """Raise dynamo's per-code-object recompile limit to at least ``limit`` (never lowers it)."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), limit))
+    if hasattr(config, "accumulated_recompile_limit"):
+        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 32 * limit)
+
+
+@contextlib.contextmanager
+def count_compiled_calls(model: Any) -> Iterator[dict[str, int]]:
+    """Count forward calls that generate() routes through its compiled callable (``get_compiled_call``),
+    so a check of 'compiled == eager' can prove that compiled code ran at all."""
+    counter = {"calls": 0}
+    original = model.get_compiled_call
+
+    def wrapped(compile_config: Any) -> Any:
+        compiled = original(compile_config)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            counter["calls"] += 1
+            return compiled(*args, **kwargs)
+
+        return call
+
+    model.get_compiled_call = wrapped
+    try:
+        yield counter
+    finally:
+        del model.get_compiled_call
+
+
 def supports_auto_compile() -> bool:
     """generate() compiles decode steps by itself when the cache is static (4.49+)."""
     return hasattr(GenerationMixin, "_valid_auto_compile_criteria")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Generator
 from typing import Any
 
@@ -32,6 +33,8 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", marker)
     if config.option.help or config.option.version:
         return
+    # torch's structured-trace logger emits DEBUG records on every compile; kept out of failure reports.
+    logging.getLogger("torch.__trace").propagate = False
     session = build(settings_module.from_config(config))
     session.machine  # noqa: B018 - probe now: a device that does not exist is a usage error, not a collection error
     config.stash[SESSION_KEY] = session

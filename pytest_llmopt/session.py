@@ -42,7 +42,12 @@ class LlmoptSession:
     def store(self) -> Any:
         """models.ModelStore of this session (one per process: each xdist worker has its own)."""
         if self._store is None:
+            from . import compat
+
             m = self.machine
+            # torch.compile caches by code object: every model of the session shares LlamaForCausalLM.forward,
+            # so each model costs its own graphs. Room for all of them, or the second model hits the limit.
+            compat.allow_recompiles(8 * (len(self.models) + 1))
             keep = 8 if m.device_type == "cpu" else 2
             self._store = models.ModelStore(m.device, m.dtype, self.settings.seed, self.settings.trust_remote_code, keep)
         return self._store

@@ -22,11 +22,10 @@ def test_matches_dynamic(llmopt_case):
     reference, target = case.reference, case.target
     for prompt in case.prompts:
         ids, mask = reference.encode(prompt.text)
-        case.check_greedy(
-            reference.generate(ids, mask, case.new_tokens),
-            target.generate(ids, mask, case.new_tokens),
-            what=f"prompt {prompt.name!r}",
-        )
+        what = f"prompt {prompt.name!r}"
+        with case.explain(what):
+            candidate = target.generate(ids, mask, case.new_tokens)
+        case.check_greedy(reference.generate(ids, mask, case.new_tokens), candidate, what=what)
 
 
 @pytest.mark.llmopt(cache=["static", "static-object"], reference=TO_DYNAMIC)
@@ -50,11 +49,10 @@ def test_second_prompt_gets_its_own_answer(llmopt_case):
     order = [texts[0], texts[-1], texts[0]] if len(texts) > 1 else [texts[0], texts[0]]
     for number, text in enumerate(order):
         ids, mask = reference.encode(text)
-        case.check_greedy(
-            reference.generate(ids, mask, case.new_tokens),
-            target.generate(ids, mask, case.new_tokens),
-            what=f"call {number + 1} of {len(order)}",
-        )
+        what = f"call {number + 1} of {len(order)}"
+        with case.explain(what):
+            candidate = target.generate(ids, mask, case.new_tokens)
+        case.check_greedy(reference.generate(ids, mask, case.new_tokens), candidate, what=what)
 
 
 @pytest.mark.llmopt(cache="static-object", reference=TO_DYNAMIC)
@@ -67,12 +65,11 @@ def test_reused_cache_object_after_reset(llmopt_case):
     longest = max(ids.shape[1] for ids, _ in encoded)
     cache = compat.make_static_cache(target.model, 1, longest + case.new_tokens)
     for prompt, (ids, mask) in zip(case.prompts, encoded):
-        cache.reset()
-        case.check_greedy(
-            reference.generate(ids, mask, case.new_tokens),
-            target.generate(ids, mask, case.new_tokens, cache_object=cache),
-            what=f"prompt {prompt.name!r} on the reused cache",
-        )
+        _reset(case, cache)
+        what = f"prompt {prompt.name!r} on the reused cache"
+        with case.explain(what):
+            candidate = target.generate(ids, mask, case.new_tokens, cache_object=cache)
+        case.check_greedy(reference.generate(ids, mask, case.new_tokens), candidate, what=what)
 
 
 @pytest.mark.llmopt(cache="static-object", reference=TO_DYNAMIC)
@@ -84,12 +81,11 @@ def test_hand_written_decode_loop(llmopt_case):
     longest = max(ids.shape[1] for ids, _ in encoded)
     cache = compat.make_static_cache(target.model, 1, longest + case.new_tokens)
     for prompt, (ids, mask) in zip(case.prompts, encoded):
-        cache.reset()
-        case.check_greedy(
-            reference.generate(ids, mask, case.new_tokens),
-            target.decode_loop(ids, case.new_tokens, cache=cache),
-            what=f"prompt {prompt.name!r}, hand-written loop",
-        )
+        _reset(case, cache)
+        what = f"prompt {prompt.name!r}, hand-written loop on the reused cache"
+        with case.explain(what):
+            candidate = target.decode_loop(ids, case.new_tokens, cache=cache)
+        case.check_greedy(reference.generate(ids, mask, case.new_tokens), candidate, what=what)
 
 
 @pytest.mark.llmopt(cache="static", reference=TO_DYNAMIC)
@@ -126,7 +122,17 @@ def test_allocated_size_matches_formula(llmopt_case):
         f"{case.label}: StaticCache(batch={batch}, max_cache_len={max_len}) holds {allocated} bytes, "
         f"the formula gives {expected} ({allocated / expected:.3f}x)"
     )
-    cache.reset()
+    _reset(case, cache)
     target.generate(ids, mask, case.new_tokens, cache_object=cache)
     again = sum(t.numel() * t.element_size() for t in compat.cache_tensors(cache))
     assert again == allocated, f"{case.label}: the StaticCache grew from {allocated} to {again} bytes on reuse"
+
+
+def _reset(case, cache):
+    """reset() must empty the cache: a position counter left behind appends the next prompt to the last."""
+    cache.reset()
+    left = int(cache.get_seq_length())
+    assert left == 0, (
+        f"{case.label}: after StaticCache.reset() the cache still reports {left} cached positions; "
+        "the next prompt would be written after the previous one (a stale cache)"
+    )

@@ -22,6 +22,28 @@ def shared_model(name: str) -> Path:
     return path
 
 
+# In-process pytester runs (needed to monkeypatch transformers for the fault tests) restore sys.modules
+# afterwards. torch and transformers import submodules lazily and keep references to them; dropping the
+# ones first imported inside a run breaks the next run ("Could not import module 'LlamaConfig'").
+# Keep those packages; suite and test modules are still dropped, so each run imports them afresh.
+KEEP = ("torch", "transformers", "tokenizers", "safetensors", "huggingface_hub", "pytest_llmopt", "triton", "sympy", "numpy", "packaging")
+
+
+@pytest.fixture(autouse=True)
+def keep_heavy_modules(monkeypatch: pytest.MonkeyPatch) -> None:
+    from _pytest import pytester as pytester_module
+
+    original = pytester_module.SysModulesSnapshot.__init__
+
+    def init(self: object, preserve: object = None) -> None:
+        def keep(name: str) -> bool:
+            return name.split(".")[0] in KEEP or bool(preserve and preserve(name))  # type: ignore[operator]
+
+        original(self, preserve=keep)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pytester_module.SysModulesSnapshot, "__init__", init)
+
+
 @pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     """No LLMOPT_* variable of the outer environment leaks into a test."""

@@ -89,9 +89,9 @@ def test_model_without_capability_is_unsupported_not_failed(suite: pytest.Pytest
 def test_variant_selection_deselects(suite: pytest.Pytester) -> None:
     result = suite.runpytest("-q", "--llmopt-variants=cache=static attention!=flash*", "--llmopt-device=cpu")
     result.stdout.fnmatch_lines(["*deselected*"])
-    outcomes = result.parseoutcomes()
-    assert outcomes["deselected"] == 6 + 1  # 6 attention variants with eager/flash... see below
-    assert outcomes.get("passed", 0) == 1
+    # kept: test_cache[static], test_compile[auto] (passes), test_compile[reduce-overhead] (needs CUDA);
+    # deselected: test_cache[dynamic] and the six dynamic-cache test_attention variants
+    result.assert_outcomes(passed=2, skipped=1, deselected=7)
 
 
 def test_report_header_names_models_device_dtype_and_versions(suite: pytest.Pytester) -> None:
@@ -129,7 +129,7 @@ def test_folder_without_config_is_rejected(suite: pytest.Pytester) -> None:
     (suite.path / "empty").mkdir()
     result = suite.runpytest("--llmopt-model=empty")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["ERROR: pytest-llmopt: --llmopt-model=empty: the folder * has no config.json*"])
+    result.stderr.fnmatch_lines(["ERROR: pytest-llmopt: --llmopt-model=*empty: the folder * has no config.json*"])
 
 
 def test_bad_assistant_is_one_clear_error(suite: pytest.Pytester) -> None:
@@ -163,8 +163,8 @@ def test_unloadable_model_fails_its_tests_once_each_and_the_session_goes_on(suit
     )
     result = suite.runpytest("test_load.py", "--llmopt-model=broken", "--llmopt-model=tiny-llama", "-rf")
     result.assert_outcomes(passed=3, failed=2)
-    result.stdout.fnmatch_lines(["FAILED*broken*broken: could not load*", "FAILED*broken*failed earlier in this session*"])
-    assert "Traceback" not in result.stdout.str()
+    result.stdout.fnmatch_lines(["broken: could not load (OSError: *", "broken: could not load * (failed earlier in this session)"])
+    assert "Traceback" not in result.stdout.str() and "During handling" not in result.stdout.str()
 
 
 def test_out_of_memory_fails_one_test_with_one_line(suite: pytest.Pytester) -> None:
@@ -181,7 +181,8 @@ def test_out_of_memory_fails_one_test_with_one_line(suite: pytest.Pytester) -> N
     )
     result = suite.runpytest("test_oom.py", "-rf")
     result.assert_outcomes(passed=1, failed=1)
-    result.stdout.fnmatch_lines(["FAILED test_oom.py::test_oom - out of GPU memory: CUDA out of memory. Tried to allocate 80.00 GiB"])
+    result.stdout.fnmatch_lines(["_*_ test_oom _*_", "out of GPU memory: CUDA out of memory. Tried to allocate 80.00 GiB", "=*short test summary*"])
+    assert "Traceback" not in result.stdout.str()
 
 
 def test_real_model_loads_through_the_local_folder_path(suite: pytest.Pytester) -> None:

@@ -136,7 +136,7 @@ def test_end_to_end_precedence_through_pytest(pytester: pytest.Pytester, clean_e
     pytester.makepyfile("def test_nothing(): pass")
     clean_env.setenv("LLMOPT_NEW_TOKENS", "9")
     result = pytester.runpytest("--llmopt-seed=5")
-    result.stdout.fnmatch_lines(["RESOLVED seed=5 new_tokens=9 dtype=float32 sources=--llmopt-seed|LLMOPT_NEW_TOKENS|llmopt_dtype in *pytest.ini"])
+    result.stdout.fnmatch_lines(["RESOLVED seed=5 new_tokens=9 dtype=float32 sources=--llmopt-seed|LLMOPT_NEW_TOKENS|llmopt_dtype in *tox.ini"])
     assert result.ret == 0
 
 
@@ -145,7 +145,7 @@ def test_bad_ini_value_is_one_usage_error(pytester: pytest.Pytester, clean_env: 
     pytester.makepyfile("def test_nothing(): pass")
     result = pytester.runpytest()
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["ERROR: pytest-llmopt: bad value llmopt_device in *pytest.ini = tpu: expected auto, cpu, cuda or cuda:N"])
+    result.stderr.fnmatch_lines(["ERROR: pytest-llmopt: bad value llmopt_device in *tox.ini = tpu: expected auto, cpu, cuda or cuda:N"])
 
 
 def test_help_lists_every_option_with_its_env_and_ini_names(pytester: pytest.Pytester) -> None:

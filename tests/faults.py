@@ -1,0 +1,105 @@
+"""Faults shaped like real regressions, injected into transformers with a MonkeyPatch.
+
+Each function patches the installed transformers (5.x layout) and raises LookupError when the place it
+patches is not there, so a layout change fails loudly instead of testing nothing.
+"""
+
+from __future__ import annotations
+
+import inspect
+import textwrap
+from typing import Any
+
+import pytest
+
+
+def cache_written_one_slot_early(mp: pytest.MonkeyPatch) -> None:
+    """Decode steps write their key/value one position before where they belong, over the previous
+    token's (an off-by-one in the static cache's write index; the length it reports stays right)."""
+    from transformers.cache_utils import StaticLayer
+
+    original = StaticLayer.update
+
+    def update(self: Any, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> Any:
+        shifted = self.is_initialized and key_states.shape[-2] == 1
+        if shifted:
+            self.cumulative_length.sub_(1)
+        result = original(self, key_states, value_states, *args, **kwargs)
+        if shifted:
+            self.cumulative_length.add_(1)
+        return result
+
+    mp.setattr(StaticLayer, "update", update)
+
+
+def reset_keeps_position(mp: pytest.MonkeyPatch) -> None:
+    """StaticCache.reset() zeroes the tensors but forgets the position counter: the next prompt is
+    appended after the previous one."""
+    from transformers.cache_utils import StaticLayer
+
+    def reset(self: Any) -> None:
+        if self.is_initialized:
+            self.keys.zero_()
+            self.values.zero_()
+
+    mp.setattr(StaticLayer, "reset", reset)
+
+
+def first_draft_accepted_unverified(mp: pytest.MonkeyPatch) -> None:
+    """Assisted decoding counts one more match than the verification found: the first draft token is
+    accepted without being checked (an off-by-one in the acceptance rule)."""
+    from transformers.generation import utils
+
+    exact = "n_matches = ((~(candidate_new_tokens == selected_tokens[:, :-1])).cumsum(dim=-1) < 1).sum()"
+    wrong = "n_matches = min(int(((~(candidate_new_tokens == selected_tokens[:, :-1])).cumsum(dim=-1) < 1).sum()) + 1, candidate_length)"
+    _patch_source(mp, utils, utils.GenerationMixin, "_assisted_decoding", exact, wrong)
+
+
+def padding_mask_dropped_by_sdpa(mp: pytest.MonkeyPatch) -> None:
+    """The SDPA attention path ignores the attention mask (pure causal): padded positions are attended."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    original = ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+    def sdpa_without_mask(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, **kwargs: Any) -> Any:
+        kwargs["is_causal"] = query.shape[2] > 1
+        return original(module, query, key, value, None, **kwargs)
+
+    mp.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa", sdpa_without_mask)
+
+
+def recompile_every_step(mp: pytest.MonkeyPatch) -> None:
+    """A Python float on the cache layer that changes every step (like the old ``_seen_tokens``
+    counter): dynamo guards on it, so every decode step compiles a new graph."""
+    from transformers.cache_utils import StaticLayer
+
+    original = StaticLayer.update
+
+    def update(self: Any, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> Any:
+        self._llmopt_tick = getattr(self, "_llmopt_tick", 0.0) + 1.0
+        return original(self, key_states * (1.0 + 0.0 * self._llmopt_tick), value_states, *args, **kwargs)
+
+    mp.setattr(StaticLayer, "update", update)
+
+
+def biased_speculative_acceptance(mp: pytest.MonkeyPatch) -> None:
+    """Speculative sampling accepts drafts too often (verification against 0.5 p + 0.5 q instead of p,
+    the 'ensemble' relaxation switched on by mistake)."""
+    from transformers.generation import utils
+
+    original = utils._speculative_sampling
+
+    def biased(*args: Any, **kwargs: Any) -> Any:
+        kwargs["assistant_ensemble_weight"] = 0.5
+        return original(*args, **kwargs)
+
+    mp.setattr(utils, "_speculative_sampling", biased)
+
+
+def _patch_source(mp: pytest.MonkeyPatch, module: Any, owner: type, name: str, old: str, new: str) -> None:
+    source = textwrap.dedent(inspect.getsource(getattr(owner, name)))
+    if old not in source:
+        raise LookupError(f"{owner.__name__}.{name} of this transformers has no line {old!r} to patch")
+    namespace: dict[str, Any] = {}
+    exec(compile(source.replace(old, new), f"<fault in {name}>", "exec"), vars(module).copy(), namespace)  # noqa: S102
+    mp.setattr(owner, name, namespace[name])

@@ -1,0 +1,88 @@
+"""Proof of power: each fault, shaped like a real regression, makes the suite that guards against it
+fail with a message that points at the cause; the same selection passes without the fault."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+
+import faults
+from conftest import SUITES
+
+
+@dataclass(frozen=True)
+class Fault:
+    inject: Callable[[pytest.MonkeyPatch], None]
+    suite: str
+    select: str  # -k expression
+    args: tuple[str, ...]
+    expect: tuple[str, ...]  # fnmatch lines that must appear in the failure output
+
+
+FAULTS = {
+    "cache written at the wrong position": Fault(
+        faults.cache_written_one_slot_early,
+        "test_static_cache.py",
+        "test_matches_dynamic and static",
+        (),
+        ("*generations differ beyond a near-tie*", "*logits drifted at new token 1 while the tokens still agreed*", "*reproduce: pytest*"),
+    ),
+    "cache not reset between calls": Fault(
+        faults.reset_keeps_position,
+        "test_static_cache.py",
+        "test_reused_cache_object_after_reset or test_hand_written_decode_loop",
+        (),
+        ("*after StaticCache.reset() the cache still reports * cached positions*",),
+    ),
+    "unverified draft token accepted": Fault(
+        faults.first_draft_accepted_unverified,
+        "test_speculative.py",
+        "test_contrarian_draft_is_always_rejected and dynamic",
+        (),
+        ("*contrarian draft*generations differ beyond a near-tie*", "*tokens differ at new token 1 with margin*"),
+    ),
+    "padding mask dropped": Fault(
+        faults.padding_mask_dropped_by_sdpa,
+        "test_attention.py",
+        "test_logits_match_eager",
+        ("--llmopt-variants=attention=sdpa",),
+        ("*dynamic/sdpa/fp32@tiny-llama vs dynamic/eager/fp32 (padded batch): logits differ from the reference beyond tolerance*",),
+    ),
+    "a recompile every step": Fault(
+        faults.recompile_every_step,
+        "test_compile.py",
+        "test_auto_compile_does_not_recompile",
+        ("--llmopt-variants=compile=auto", "--llmopt-new-tokens=5"),
+        ("*graphs compiled during one warm-up call of 5 tokens*it recompiles while decoding*", "*dynamo's reasons:*_llmopt_tick*"),
+    ),
+    "biased sampling acceptance": Fault(
+        faults.biased_speculative_acceptance,
+        "test_speculative.py",
+        "test_speculative_sampling_keeps_the_distribution and contrarian",
+        (),
+        ("*sampled tokens do not follow the target model's distribution*", "*Kolmogorov-Smirnov on 1600 PIT values*"),
+    ),
+}
+
+
+def _run(pytester: pytest.Pytester, fault: Fault) -> pytest.RunResult:
+    return pytester.runpytest(str(SUITES / fault.suite), "-k", fault.select, "-p", "no:logging", "-p", "no:cacheprovider", *fault.args)
+
+
+@pytest.mark.parametrize("name", list(FAULTS))
+def test_fault_is_caught(name: str, pytester: pytest.Pytester, clean_env: pytest.MonkeyPatch) -> None:
+    fault = FAULTS[name]
+    fault.inject(clean_env)
+    result = _run(pytester, fault)
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("failed", 0) >= 1, f"{name}: the suite did not fail\n{result.stdout.str()[-3000:]}"
+    result.stdout.fnmatch_lines(list(fault.expect))
+
+
+@pytest.mark.parametrize("name", list(FAULTS))
+def test_same_selection_passes_without_the_fault(name: str, pytester: pytest.Pytester, clean_env: pytest.MonkeyPatch) -> None:
+    result = _run(pytester, FAULTS[name])
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("passed", 0) >= 1 and not outcomes.get("failed") and not outcomes.get("errors"), result.stdout.str()[-3000:]
