@@ -90,6 +90,18 @@ def skip_reason(variant: V.Variant, machine: Any, capabilities: dict[str, bool],
     return None
 
 
+def label_items(items: Iterable[pytest.Item]) -> None:
+    """Tell the report which model, variant and check each suite test is (skips included)."""
+    from .report import describe_item
+
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        param = callspec.params.get("llmopt_case") if callspec else None
+        if isinstance(param, CaseParam):
+            extra = "-".join(str(v) for k, v in callspec.params.items() if k != "llmopt_case") or None
+            describe_item(item, param.spec.name, param.variant.id, extra)
+
+
 def deselect(items: Iterable[pytest.Item], selection: V.Selection) -> tuple[list[pytest.Item], list[pytest.Item]]:
     """Split items into (kept, deselected) by --llmopt-variants."""
     kept, dropped = [], []
@@ -255,4 +267,4 @@ class Case:
         """Attach measured figures to this test's result (they reach the report, also through xdist)."""
         from .report import record
 
-        record(self.node, model=self.spec.name, variant=self.variant.id, **metrics)
+        record(self.node, **metrics)

@@ -428,12 +428,24 @@ def known_issue(test: str, cache: str, attention: str, device_type: str) -> Know
 
 
 # Messages with which transformers itself refuses a combination: "unsupported by transformers", not failures.
-REFUSALS = ("requires a cache that can be cropped",)
+REFUSALS = (
+    "requires a cache that can be cropped",  # 5.2x: a static sliding-window cache longer than its window
+    "not supported with Static cache",  # up to 5.1x: assisted generation refuses static caches
+)
 
 
-def refusal(exc: BaseException) -> str | None:
+def refusal(exc: BaseException, sdpa_backend: str | None = None) -> str | None:
+    """Why ``exc`` is transformers (or torch) refusing a combination, or None when it is a real error.
+
+    A pinned SDPA backend that has no kernel for the input (PyTorch's flash kernel takes no attention
+    mask, so a padded batch has none) is torch's refusal, reported with the backend named.
+    """
     text = str(exc)
-    return text.splitlines()[0] if isinstance(exc, ValueError) and any(r in text for r in REFUSALS) else None
+    if isinstance(exc, ValueError) and any(r in text for r in REFUSALS):
+        return f"unsupported by transformers {TRANSFORMERS}: {text.splitlines()[0]}"
+    if sdpa_backend and isinstance(exc, RuntimeError) and "No available kernel" in text:
+        return f"unsupported by torch {torch.__version__}: the {sdpa_backend} SDPA backend has no kernel for this input"
+    return None
 
 
 def exception_class(dotted: str) -> type[BaseException]:

@@ -49,20 +49,24 @@ class Tolerance:
         return Tolerance(self.atol * factor, self.rtol * factor, self.tie_atol * factor, self.tie_rtol * factor)
 
 
-# Measured, then padded (see docs/tolerances.md for the figures):
-# float32 on CPU: largest |Δlogit| seen between eager/SDPA/static/compiled paths on the built-in
-#   models and the shared real models was below 1e-5 with logits of magnitude <= 10; we allow 1e-4 +
-#   1e-4 * scale, ten times that, and count ties within the same band.
-# bfloat16 / float16 on the H100: see TOLERANCES notes filled from the GPU runs.
+# Measured, then padded (figures in baselines/h100-80gb-hbm3/NOTES.md and docs in the README):
+# float32, CPU (torch 2.13): the largest |Δlogit| between eager/SDPA/static/compiled/assisted paths on
+#   the built-in and the shared real models was 3.1e-5 with max |logit| around 6; allowed here:
+#   1e-4 + 1e-4 * max|logit| (about 7e-4, 20x the worst seen) before the path factor.
+# bfloat16, H100 (torch 2.11, transformers 5.17, Llama-1B shape): static vs dynamic 0 exactly; attention
+#   backends vs eager up to 0.148, compiled vs eager 0.137, assisted 0.109, with max |logit| near 4.5;
+#   near-ties flipped at margins of 0.016-0.031 (one or two bf16 steps). Allowed: 0.08 + 0.02 * max|logit|
+#   (0.17 at that scale), doubled for kernel-changing paths: 0.34, twice the worst seen.
+# float16: not measured; derived from bfloat16 (three more mantissa bits: an eighth).
 TOLERANCES: dict[str, Tolerance] = {
     "float32": Tolerance(atol=1e-4, rtol=1e-4, tie_atol=1e-4, tie_rtol=1e-4),
-    "float16": Tolerance(atol=2e-2, rtol=1e-2, tie_atol=2e-2, tie_rtol=1e-2),
-    "bfloat16": Tolerance(atol=1e-1, rtol=4e-2, tie_atol=1e-1, tie_rtol=4e-2),
+    "float16": Tolerance(atol=1e-2, rtol=2.5e-3, tie_atol=1e-2, tie_rtol=2.5e-3),
+    "bfloat16": Tolerance(atol=8e-2, rtol=2e-2, tie_atol=8e-2, tie_rtol=2e-2),
 }
 
-# Paths whose arithmetic differs more than a cache swap: a different attention kernel, or inductor's
-# fused and reordered reductions. Multiplies the dtype tolerance.
-PATH_FACTOR = {"cache": 1.0, "compile": 4.0, "attention": 4.0, "assisted": 2.0}
+# Paths whose arithmetic differs more than a cache swap: another attention kernel, inductor's fused and
+# reordered reductions, or a verification pass over several tokens at once. Multiplies the dtype tolerance.
+PATH_FACTOR = {"cache": 1.0, "compile": 2.0, "attention": 2.0, "assisted": 2.0}
 
 
 def tolerance(dtype: str, path: str = "cache") -> Tolerance:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Generator
 from typing import Any
 
@@ -37,7 +38,20 @@ def pytest_configure(config: pytest.Config) -> None:
     logging.getLogger("torch.__trace").propagate = False
     session = build(settings_module.from_config(config))
     session.machine  # noqa: B018 - probe now: a device that does not exist is a usage error, not a collection error
+    _share_cpu_between_workers()
     config.stash[SESSION_KEY] = session
+    if not hasattr(config, "workerinput"):  # xdist workers hand their reports to the controller
+        config.pluginmanager.register(ResultsPlugin(config), "llmopt-results")
+
+
+def _share_cpu_between_workers() -> None:
+    """Under pytest-xdist each worker would start one torch thread per core: with -n 2 on 2 cores that is
+    4 threads spinning on 2 cores, several times slower than 1 each. Give every worker its share."""
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    if count > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // count))
 
 
 def session_of(config: pytest.Config) -> LlmoptSession:
@@ -76,15 +90,56 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if SESSION_KEY not in config.stash:
         return
+    from .cases import deselect, label_items
+
+    label_items(items)
     selection = session_of(config).settings.variants
     if not selection.terms:
         return
-    from .cases import deselect
-
     kept, dropped = deselect(items, selection)
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = kept
+
+
+class ResultsPlugin:
+    """Collects the results of the run where every report arrives (the xdist controller, or the only
+    process), prints the matrix at the end and writes --llmopt-report."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        from .report import Collector
+
+        self.config = config
+        self.collector = Collector()
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        self.collector.add(report)
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if not self.collector.results:
+            return
+        from .render import matrix
+
+        models, suites, cells = matrix(self.collector.sorted())
+        terminalreporter.section("llmopt: model x optimization")
+        width = max(len(m) for m in models)
+        for model in models:
+            for suite in suites:
+                cell = cells[(model, suite)]
+                if cell.results:
+                    terminalreporter.write_line(f"{model:<{width}}  {suite:<14} {cell.text()}")
+        path = session_of(self.config).settings.report
+        if path:
+            terminalreporter.write_line(f"report written to {path}")
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        llmopt = session_of(self.config)
+        if llmopt.settings.report is None:
+            return
+        from .report import environment, write
+
+        write(llmopt.settings.report, self.collector.sorted(), [environment(llmopt)])
 
 
 @pytest.hookimpl(wrapper=True)

@@ -1,22 +1,216 @@
-"""Results of a session: what each suite test measured, kept with its outcome.
+"""Results of a session: one structured record per (model, variant, check), with what it measured.
 
-Figures are attached to the test item's ``user_properties`` under the key ``llmopt``; pytest-xdist
-serializes those with every report, so the controller sees what the workers measured.
+Each suite test carries a ``llmopt`` user property: its model, variant and check are set at collection
+(so a test skipped before it runs still says what it was), and figures are merged in while it runs
+(``record``). pytest-xdist ships user properties with every report, so the controller builds the
+results of the whole run from the reports alone. Status is read from the report:
+
+  passed, failed (also errors), skipped, unsupported (by the model, torch or transformers: a skip reason
+  starting "unsupported by"), inconclusive (a skip reason starting "inconclusive"), known-issue (xfail),
+  fixed-known-issue (xpass).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 PROPERTY = "llmopt"
+SCHEMA = 1
+STATUSES = ("failed", "fixed-known-issue", "passed", "known-issue", "inconclusive", "unsupported", "skipped")
 
 
 def record(node: pytest.Item, **metrics: Any) -> None:
     """Merge ``metrics`` into the item's llmopt property (one dict per test)."""
     for name, value in node.user_properties:
         if name == PROPERTY and isinstance(value, dict):
-            value.update(metrics)
+            value.setdefault("metrics", {}).update(metrics)
             return
-    node.user_properties.append((PROPERTY, dict(metrics)))
+    node.user_properties.append((PROPERTY, {"metrics": dict(metrics)}))
+
+
+def describe_item(node: pytest.Item, model: str, variant: str, extra: str | None) -> None:
+    """Label a collected suite test with what it checks (before it runs, so skips are labelled too)."""
+    suite = Path(str(node.fspath)).stem.removeprefix("test_")
+    check = getattr(node, "originalname", node.name)
+    for name, value in node.user_properties:
+        if name == PROPERTY and isinstance(value, dict):
+            value.update(suite=suite, check=check, model=model, variant=variant, extra=extra)
+            return
+    node.user_properties.append((PROPERTY, {"suite": suite, "check": check, "model": model, "variant": variant, "extra": extra, "metrics": {}}))
+
+
+@dataclass
+class Result:
+    suite: str
+    check: str
+    model: str
+    variant: str
+    status: str
+    extra: str | None = None
+    reason: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    nodeid: str = ""
+    seconds: float = 0.0
+
+    @property
+    def key(self) -> str:
+        """Stable identity across runs and machines (the nodeid without its file path)."""
+        return f"{self.suite}::{self.check}[{self.variant}@{self.model}{'-' + self.extra if self.extra else ''}]"
+
+
+def status_of(report: pytest.TestReport) -> tuple[str, str | None]:
+    """Outcome and one-line reason of a report (the phase that decided it)."""
+    if hasattr(report, "wasxfail"):
+        if report.skipped:
+            return "known-issue", str(report.wasxfail) or None
+        return "fixed-known-issue", str(report.wasxfail) or None
+    if report.skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        if reason.startswith("unsupported by"):
+            return "unsupported", reason
+        if reason.startswith("inconclusive"):
+            return "inconclusive", reason
+        return "skipped", reason
+    if report.failed:
+        text = getattr(report, "longreprtext", "") or str(report.longrepr)
+        lines = [line for line in text.splitlines() if line.strip()]
+        first = next((line for line in lines if line.startswith("E ")), lines[0] if lines else "")
+        return "failed", first.removeprefix("E").strip()[:500]
+    return "passed", None
+
+
+class Collector:
+    """Builds Results from the reports the controller sees (its own, or those xdist workers send)."""
+
+    def __init__(self) -> None:
+        self.results: dict[str, Result] = {}
+
+    def add(self, report: pytest.TestReport) -> None:
+        props = next((value for name, value in report.user_properties if name == PROPERTY and isinstance(value, dict)), None)
+        if props is None or "suite" not in props:
+            return
+        decided = report.when == "call" or (report.when == "setup" and not report.passed) or (report.when == "teardown" and report.failed)
+        if not decided:
+            return
+        status, reason = status_of(report)
+        existing = self.results.get(report.nodeid)
+        if existing is not None and existing.status == "failed":
+            return  # a teardown never turns a failure into something else
+        self.results[report.nodeid] = Result(
+            suite=props["suite"],
+            check=props["check"],
+            model=props["model"],
+            variant=props["variant"],
+            extra=props.get("extra"),
+            status=status,
+            reason=reason,
+            metrics=_plain(props.get("metrics", {})),
+            nodeid=report.nodeid,
+            seconds=round(report.duration, 3) if report.when == "call" else 0.0,
+        )
+
+    def sorted(self) -> list[Result]:
+        return sorted(self.results.values(), key=lambda r: (r.model, r.suite, r.check, r.variant, r.extra or ""))
+
+
+def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
+    """JSON-safe figures: floats rounded to 6 significant digits (runs differ below that)."""
+    out: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if isinstance(value, float):
+            out[key] = float(f"{value:.6g}")
+        elif isinstance(value, (int, str, bool)) or value is None:
+            out[key] = value
+        else:
+            out[key] = str(value)
+    return out
+
+
+def environment(session: Any) -> dict[str, Any]:
+    """What a reader needs to trust the numbers: hardware, versions, options."""
+    from . import __version__
+
+    machine = session.machine
+    s = session.settings
+    return {
+        "pytest_llmopt": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "device": machine.device,
+        "gpu": machine.gpu_name,
+        "hardware": machine.hardware_id,
+        "dtype": machine.dtype,
+        "versions": dict(machine.versions),
+        "models": [spec.name for spec in session.models],
+        "assistant": session.assistant.name if session.assistant else None,
+        "variants": str(s.variants),
+        "seed": s.seed,
+        "new_tokens": s.new_tokens,
+        "workers": int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0) or 1,
+    }
+
+
+def to_document(results: list[Result], env: dict[str, Any]) -> dict[str, Any]:
+    return {"schema": SCHEMA, "environment": env, "summary": summary(results), "results": [asdict(r) for r in results]}
+
+
+def summary(results: list[Result]) -> dict[str, int]:
+    counts = {status: 0 for status in STATUSES}
+    for r in results:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    return counts
+
+
+class ReportError(ValueError):
+    """A report file that cannot be read; the message names the file and what is wrong."""
+
+
+def load(path: Path) -> tuple[list[Result], dict[str, Any]]:
+    """Read a JSON report written by --llmopt-report (raises ReportError with one clear message)."""
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ReportError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ReportError(f"{path}: cannot read it ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise ReportError(f"{path}: not JSON ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA or not isinstance(doc.get("results"), list):
+        raise ReportError(f"{path}: not a pytest-llmopt JSON report (schema {SCHEMA}); write one with --llmopt-report=FILE.json")
+    fields = set(Result.__dataclass_fields__)
+    results = []
+    for number, item in enumerate(doc["results"], 1):
+        if not isinstance(item, dict) or not {"suite", "check", "model", "variant", "status"} <= set(item):
+            raise ReportError(f"{path}: result {number} lacks suite/check/model/variant/status")
+        results.append(Result(**{k: v for k, v in item.items() if k in fields}))
+    return results, doc.get("environment", {})
+
+
+def write(path: Path, results: list[Result], envs: list[dict[str, Any]]) -> None:
+    """Write ``results`` as JSON, Markdown or HTML, by the file's extension."""
+    from . import render
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        env = envs[0] if len(envs) == 1 else {"merged": envs}
+        text = json.dumps(to_document(results, env), indent=1, sort_keys=False) + "\n"
+    elif suffix == ".md":
+        text = render.markdown(results, envs)
+    elif suffix == ".html":
+        text = render.html(results, envs)
+    else:
+        raise ReportError(f"{path}: the extension must be .json, .md or .html")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)

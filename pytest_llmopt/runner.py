@@ -8,6 +8,7 @@ suppressed) and returns the raw logits of each new token, so two runs can be com
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,6 +73,22 @@ class Runner:
         with compat.sdpa_backend(self.variant.sdpa_backend), torch.no_grad():
             yield model
 
+    @contextlib.contextmanager
+    def refusals_skip(self) -> Iterator[None]:
+        """A combination that transformers or torch refuses outright is skipped as unsupported."""
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            try:
+                yield
+            except (ValueError, RuntimeError) as exc:
+                reason = compat.refusal(exc, self.variant.sdpa_backend)
+                if reason is None:
+                    raise
+                said = [str(w.message).split(" (Triggered internally")[0] for w in seen if "kernel" in str(w.message) or "support" in str(w.message)]
+                pytest.skip(reason + (f"; torch says: {'; '.join(dict.fromkeys(said))}" if said else ""))
+        for w in seen:  # not a refusal: hand the warnings on as pytest would have seen them
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
     def encode(self, texts: Sequence[str] | str) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and attention mask, left-padded, on the model's device."""
         batch = [texts] if isinstance(texts, str) else list(texts)
@@ -105,14 +122,8 @@ class Runner:
         if "cache_object" in extra:
             kwargs[compat.cache_keyword(self.model)] = extra.pop("cache_object")
         kwargs.update(extra)
-        with self.active() as model:
-            try:
-                out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-            except ValueError as exc:
-                reason = compat.refusal(exc)
-                if reason is None:
-                    raise
-                pytest.skip(f"unsupported by transformers {compat.TRANSFORMERS}: {reason}")
+        with self.active() as model, self.refusals_skip():
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         logits = torch.stack(out.logits, dim=1).float().cpu() if out.logits else None
         return Generation(input_ids.cpu(), out.sequences.cpu(), logits, None if attention_mask is None else attention_mask.cpu())
 
@@ -163,7 +174,7 @@ class Runner:
 
     def forward_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Logits of every position of one forward pass (float32, CPU)."""
-        with self.active() as model:
+        with self.active() as model, self.refusals_skip():
             out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return out.logits.float().cpu()
 

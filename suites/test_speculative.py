@@ -41,9 +41,13 @@ def test_self_draft_is_always_accepted(llmopt_case):
     case = llmopt_case
     target = case.target
     drafts = _greedy_with(case, target, "self draft", assistant_model=assistants.build(target.model, "self"))
-    assert drafts.acceptance_rate >= 0.9, (
+    # A self-draft is rejected only on a near-tie between the one-token draft kernel and the multi-token
+    # verification kernel: never seen in float32; 8.6 % of drafts on the H100 in bfloat16 with the flat
+    # logits of a random 1B model. A broken verification accepts about none.
+    floor = 0.9 if case.session.machine.dtype == "float32" else 0.5
+    assert drafts.acceptance_rate >= floor, (
         f"{case.label}: the model drafting for itself had only {drafts.accepted}/{drafts.proposed} drafts accepted "
-        f"({drafts.acceptance_rate:.0%}); verification disagrees with the draft's own greedy choice"
+        f"({drafts.acceptance_rate:.0%}, expected at least {floor:.0%}); verification disagrees with the draft's own greedy choice"
     )
 
 

@@ -1,0 +1,265 @@
+"""The compatibility report as a person reads it: a model x optimization matrix, then what failed, what
+is unsupported and why, and the measured figures. Markdown (a PR comment, a CI step summary) and a
+self-contained HTML page (colored matrix; click a cell to see its checks)."""
+
+from __future__ import annotations
+
+import html as html_lib
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .report import Result
+
+SUITE_NAMES = {
+    "static_cache": "static cache",
+    "compile": "torch.compile",
+    "speculative": "speculative decoding",
+    "prompt_lookup": "prompt lookup",
+    "attention": "attention",
+    "quantization": "quantization",
+    "performance": "performance",
+}
+# Figures worth a column, in order, with how to print them.
+FIGURES = {
+    "acceptance_rate": ("acceptance", lambda v: f"{v:.0%}"),
+    "speedup": ("speedup", lambda v: f"{v:.2f}x"),
+    "tokens_per_s": ("tokens/s", lambda v: f"{v:.1f}"),
+    "ttft_ms": ("TTFT ms", lambda v: f"{v:.1f}"),
+    "peak_memory_bytes": ("peak memory", lambda v: _bytes(v)),
+    "footprint_bytes": ("footprint", lambda v: _bytes(v)),
+    "static_cache_bytes": ("kv-cache", lambda v: _bytes(v)),
+    "recompiles": ("recompiles", lambda v: str(v)),
+    "max_delta_logit": ("max Δlogit", lambda v: f"{v:.3g}"),
+    "logits_max_delta": ("max Δlogit (logits)", lambda v: f"{v:.3g}"),
+    "near_ties": ("near-ties", lambda v: str(v)),
+    "ks_pvalue": ("KS p-value", lambda v: f"{v:.3g}"),
+    "roofline_pct": ("% of bandwidth floor", lambda v: f"{v:.0f}%"),
+}
+MARK = {"pass": "✅", "fail": "❌", "unsupported": "⚪", "skipped": "⏭", "known": "🐞", "empty": "·"}
+STATUS_WORD = {
+    "failed": "failed",
+    "fixed-known-issue": "known issue fixed",
+    "passed": "passed",
+    "known-issue": "known issue",
+    "inconclusive": "inconclusive",
+    "unsupported": "unsupported",
+    "skipped": "not run",
+}
+
+
+def _bytes(value: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return str(value)
+
+
+@dataclass
+class Cell:
+    """All checks of one model under one optimization."""
+
+    results: list[Result] = field(default_factory=list)
+
+    def count(self, *statuses: str) -> int:
+        return sum(1 for r in self.results if r.status in statuses)
+
+    @property
+    def state(self) -> str:
+        if not self.results:
+            return "empty"
+        if self.count("failed"):
+            return "fail"
+        if self.count("passed", "fixed-known-issue"):
+            return "pass"
+        if self.count("known-issue"):
+            return "known"
+        if self.count("unsupported") and not self.count("skipped", "inconclusive"):
+            return "unsupported"
+        return "skipped" if not self.count("unsupported") else "unsupported"
+
+    def text(self) -> str:
+        """'✅ 9/9 · 2 unsupported · 3 not run' - counts over the checks that ran."""
+        ran = self.count("passed", "failed", "fixed-known-issue")
+        parts = [f"{MARK[self.state]} {self.count('passed', 'fixed-known-issue')}/{ran}" if ran else MARK[self.state]]
+        for status, word in (("known-issue", "known issue"), ("unsupported", "unsupported"), ("skipped", "not run"), ("inconclusive", "inconclusive")):
+            n = self.count(status)
+            if n:
+                parts.append(f"{n} {word}")
+        headline = self.headline()
+        if headline:
+            parts.append(headline)
+        return " · ".join(parts)
+
+    def headline(self) -> str:
+        """The one figure that says most about this optimization."""
+        values = [r.metrics.get("acceptance_rate") for r in self.results if r.check in ("test_early_exit_self_speculation", "test_greedy_matches_plain_greedy")]
+        values = [v for v in values if isinstance(v, (int, float))]
+        if values:
+            return f"acceptance {max(values):.0%}"
+        speedups = [r.metrics["speedup"] for r in self.results if isinstance(r.metrics.get("speedup"), (int, float))]
+        if speedups:
+            return f"speedup {max(speedups):.2f}x"
+        recompiles = [r.metrics["recompiles"] for r in self.results if isinstance(r.metrics.get("recompiles"), int)]
+        if recompiles:
+            return f"{sum(recompiles)} recompiles"
+        return ""
+
+
+def matrix(results: Iterable[Result]) -> tuple[list[str], list[str], dict[tuple[str, str], Cell]]:
+    cells: dict[tuple[str, str], Cell] = defaultdict(Cell)
+    models: list[str] = []
+    suites: set[str] = set()
+    for r in results:
+        if r.model not in models:
+            models.append(r.model)
+        suites.add(r.suite)
+        cells[(r.model, r.suite)].results.append(r)
+    ordered = [s for s in SUITE_NAMES if s in suites] + sorted(suites - set(SUITE_NAMES))
+    return models, ordered, cells
+
+
+def environment_line(env: dict[str, Any]) -> str:
+    v = env.get("versions", {})
+    where = env.get("gpu") or env.get("device", "?")
+    parts = [
+        where,
+        env.get("dtype", "?"),
+        f"torch {v.get('torch')}",
+        f"transformers {v.get('transformers')}",
+    ]
+    for name in ("bitsandbytes", "flash-attn"):
+        if v.get(name):
+            parts.append(f"{name} {v[name]}")
+    parts.append(f"seed {env.get('seed')}")
+    if env.get("created"):
+        parts.append(env["created"])
+    return " · ".join(str(p) for p in parts)
+
+
+def _figures(result: Result) -> list[tuple[str, str]]:
+    out = []
+    for key, (label, fmt) in FIGURES.items():
+        value = result.metrics.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out.append((label, fmt(value)))
+    return out
+
+
+def _md(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown(results: list[Result], envs: list[dict[str, Any]], limit: int = 150) -> str:
+    models, suites, cells = matrix(results)
+    lines = ["## pytest-llmopt compatibility report", ""]
+    for env in envs:
+        lines.append(f"_{environment_line(env)}_  ")
+    counts = {status: sum(1 for r in results if r.status == status) for status in STATUS_WORD}
+    lines += ["", " · ".join(f"{n} {STATUS_WORD[s]}" for s, n in counts.items() if n) or "no results", ""]
+    lines.append("| model | " + " | ".join(SUITE_NAMES.get(s, s) for s in suites) + " |")
+    lines.append("|---|" + "---|" * len(suites))
+    for model in models:
+        lines.append(f"| **{_md(model)}** | " + " | ".join(_md(cells[(model, s)].text()) for s in suites) + " |")
+    lines += [
+        "",
+        "✅ every check that ran passed (passed/ran) · ❌ a check failed · ⚪ unsupported by the model or the stack · "
+        "⏭ not run on this machine (needs CUDA, flash-attn, ...) · 🐞 known upstream issue",
+        "",
+    ]
+    failed = [r for r in results if r.status == "failed"]
+    if failed:
+        lines += [f"### ❌ Failures ({len(failed)})", "", "| model | check | variant | what broke |", "|---|---|---|---|"]
+        lines += [f"| {_md(r.model)} | {_md(r.check)} | `{_md(r.variant)}` | {_md(r.reason or '')} |" for r in failed[:limit]]
+        lines.append("")
+    for status, title in (("unsupported", "⚪ Unsupported"), ("known-issue", "🐞 Known upstream issues"), ("skipped", "⏭ Not run here")):
+        chosen = [r for r in results if r.status == status]
+        if not chosen:
+            continue
+        reasons: dict[str, list[Result]] = defaultdict(list)
+        for r in chosen:
+            reasons[r.reason or "no reason given"].append(r)
+        lines += [f"<details><summary>{title} ({len(chosen)})</summary>", "", "| why | checks |", "|---|---|"]
+        for reason, rs in reasons.items():
+            where = ", ".join(sorted({f"{r.model}: {r.variant}" for r in rs}))
+            lines.append(f"| {_md(reason)} | {_md(where)} |")
+        lines += ["", "</details>", ""]
+    figured = [r for r in results if _figures(r)]
+    if figured:
+        lines += [f"<details><summary>Figures ({len(figured)} checks)</summary>", "", "| model | check | variant | figures |", "|---|---|---|---|"]
+        for r in figured[:limit]:
+            shown = ", ".join(f"{label} {value}" for label, value in _figures(r))
+            lines.append(f"| {_md(r.model)} | {_md(r.check)}{' (' + _md(r.extra) + ')' if r.extra else ''} | `{_md(r.variant)}` | {_md(shown)} |")
+        if len(figured) > limit:
+            lines.append(f"| … | {len(figured) - limit} more in the JSON report | | |")
+        lines += ["", "</details>", ""]
+    return "\n".join(lines)
+
+
+CSS = """
+body{font:14px/1.45 system-ui,sans-serif;margin:24px;color:#1f2328}
+h1{font-size:20px;margin:0 0 4px}.env{color:#57606a;margin:2px 0}
+table{border-collapse:collapse;margin:12px 0}th,td{border:1px solid #d0d7de;padding:6px 10px;text-align:left;vertical-align:top}
+th{background:#f6f8fa}.matrix td.cell{cursor:pointer;min-width:130px}
+.pass{background:#dafbe1}.fail{background:#ffd7d5}.unsupported{background:#eaeef2}.skipped{background:#fff8c5}
+.known{background:#fbefff}.empty{background:#fff}td.cell.selected{outline:3px solid #0969da}
+.badge{display:inline-block;padding:0 6px;border-radius:10px;font-size:12px}
+.b-passed,.b-fixed-known-issue{background:#1a7f37;color:#fff}.b-failed{background:#cf222e;color:#fff}
+.b-unsupported{background:#6e7781;color:#fff}.b-skipped,.b-inconclusive{background:#9a6700;color:#fff}.b-known-issue{background:#8250df;color:#fff}
+#details tr.hidden{display:none}.reason{color:#57606a;max-width:620px}code{font-size:12px}
+"""
+
+SCRIPT = """
+document.querySelectorAll('td.cell').forEach(function(cell){
+  cell.addEventListener('click',function(){
+    var on=!cell.classList.contains('selected');
+    document.querySelectorAll('td.cell').forEach(function(c){c.classList.remove('selected')});
+    if(on){cell.classList.add('selected')}
+    var shown=0;
+    document.querySelectorAll('#details tbody tr').forEach(function(row){
+      var hit=!on||(row.dataset.model===cell.dataset.model&&row.dataset.suite===cell.dataset.suite);
+      row.classList.toggle('hidden',!hit); if(hit){shown++}
+    });
+    document.getElementById('shown').textContent=on?(shown+' checks of '+cell.dataset.model+' / '+cell.dataset.suiteName):'all checks';
+  });
+});
+"""
+
+
+def html(results: list[Result], envs: list[dict[str, Any]]) -> str:
+    e = html_lib.escape
+    models, suites, cells = matrix(results)
+    out = ["<!doctype html><html lang='en'><head><meta charset='utf-8'><title>pytest-llmopt compatibility report</title>", f"<style>{CSS}</style></head><body>"]
+    out.append("<h1>pytest-llmopt compatibility report</h1>")
+    for env in envs:
+        out.append(f"<p class='env'>{e(environment_line(env))}</p>")
+    out.append("<table class='matrix' id='matrix'><thead><tr><th>model</th>" + "".join(f"<th>{e(SUITE_NAMES.get(s, s))}</th>" for s in suites) + "</tr></thead><tbody>")
+    for model in models:
+        row = [f"<tr><th>{e(model)}</th>"]
+        for suite in suites:
+            cell = cells[(model, suite)]
+            row.append(
+                f"<td class='cell {cell.state}' data-model='{e(model)}' data-suite='{e(suite)}' data-suite-name='{e(SUITE_NAMES.get(suite, suite))}' "
+                f"title='click to list these checks'>{e(cell.text())}</td>"
+            )
+        out.append("".join(row) + "</tr>")
+    out.append("</tbody></table>")
+    out.append(
+        "<p class='env'>green: every check that ran passed · red: a check failed · grey: unsupported by the model or the stack · "
+        "yellow: not run on this machine · purple: known upstream issue. Click a cell to list its checks.</p>"
+    )
+    out.append("<h2>Checks <small id='shown'>all checks</small></h2>")
+    out.append("<table id='details'><thead><tr><th>model</th><th>optimization</th><th>check</th><th>variant</th><th>status</th><th>figures / reason</th></tr></thead><tbody>")
+    for r in results:
+        figures = ", ".join(f"{label} {value}" for label, value in _figures(r))
+        detail = " — ".join(x for x in (figures, r.reason or "") if x)
+        check = r.check + (f" ({r.extra})" if r.extra else "")
+        out.append(
+            f"<tr data-model='{e(r.model)}' data-suite='{e(r.suite)}' data-status='{e(r.status)}'><td>{e(r.model)}</td><td>{e(SUITE_NAMES.get(r.suite, r.suite))}</td>"
+            f"<td>{e(check)}</td><td><code>{e(r.variant)}</code></td><td><span class='badge b-{e(r.status)}'>{e(STATUS_WORD.get(r.status, r.status))}</span></td>"
+            f"<td class='reason'>{e(detail)}</td></tr>"
+        )
+    out.append(f"</tbody></table><script>{SCRIPT}</script></body></html>")
+    return "\n".join(out)
