@@ -35,7 +35,7 @@ DIRECTION = {
 # How far a figure may move the wrong way before it is a regression: relative, or absolute for rates/counts.
 DEFAULT_RELATIVE = 0.05
 ABSOLUTE = {"acceptance_rate": 0.02, "recompiles": 0.0, "compiles_warmup": 0.0, "roofline_pct": 5.0}
-GOOD = ("passed", "fixed-known-issue")
+GOOD = ("passed", "known-issue-passed")
 
 
 @dataclass

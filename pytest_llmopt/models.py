@@ -188,7 +188,7 @@ class ModelStore:
     def _can_switch() -> bool:
         from . import compat
 
-        return compat.TRANSFORMERS.release >= (4, 48)
+        return compat.can_switch_attention()
 
     def _load(self, spec: ModelSpec, attention: str, quant: str, key: tuple[str, str, str]) -> Loaded:
         import torch
@@ -201,7 +201,7 @@ class ModelStore:
         dtype = getattr(torch, self.dtype)
         try:
             if spec.kind == "builtin" and quant == "none":
-                model = zoo.build_builtin(spec.ref, self.seed, dtype, self.device, compat.from_config)
+                model = zoo.build_builtin(spec.ref, self.seed, dtype, self.device, compat.from_config, attention)
             else:
                 source = spec.ref if spec.kind != "builtin" else _saved_builtin(spec.ref, self.seed)
                 quant_config = compat.bnb_config(quant, dtype) if quant != "none" else None

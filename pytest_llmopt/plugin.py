@@ -118,7 +118,7 @@ class ResultsPlugin:
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if not self.collector.results:
             return
-        from .render import matrix
+        from .render import WORD, matrix
 
         models, suites, cells = matrix(self.collector.sorted())
         terminalreporter.section("llmopt: model x optimization")
@@ -127,7 +127,7 @@ class ResultsPlugin:
             for suite in suites:
                 cell = cells[(model, suite)]
                 if cell.results:
-                    terminalreporter.write_line(f"{model:<{width}}  {suite:<14} {cell.text()}")
+                    terminalreporter.write_line(f"{model:<{width}}  {suite:<14} {cell.text(WORD)}")
         path = session_of(self.config).settings.report
         if path:
             terminalreporter.write_line(f"report written to {path}")

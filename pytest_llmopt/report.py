@@ -7,13 +7,14 @@ results of the whole run from the reports alone. Status is read from the report:
 
   passed, failed (also errors), skipped, unsupported (by the model, torch or transformers: a skip reason
   starting "unsupported by"), inconclusive (a skip reason starting "inconclusive"), known-issue (xfail),
-  fixed-known-issue (xpass).
+  known-issue-passed (xpass).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,7 +25,7 @@ import pytest
 
 PROPERTY = "llmopt"
 SCHEMA = 1
-STATUSES = ("failed", "fixed-known-issue", "passed", "known-issue", "inconclusive", "unsupported", "skipped")
+STATUSES = ("failed", "known-issue-passed", "passed", "known-issue", "inconclusive", "unsupported", "skipped")
 
 
 def record(node: pytest.Item, **metrics: Any) -> None:
@@ -71,7 +72,7 @@ def status_of(report: pytest.TestReport) -> tuple[str, str | None]:
     if hasattr(report, "wasxfail"):
         if report.skipped:
             return "known-issue", str(report.wasxfail) or None
-        return "fixed-known-issue", str(report.wasxfail) or None
+        return "known-issue-passed", str(report.wasxfail) or None
     if report.skipped:
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         reason = reason.removeprefix("Skipped: ")
@@ -82,7 +83,8 @@ def status_of(report: pytest.TestReport) -> tuple[str, str | None]:
         return "skipped", reason
     if report.failed:
         text = getattr(report, "longreprtext", "") or str(report.longrepr)
-        lines = [line for line in text.splitlines() if line.strip()]
+        # xdist prefixes the worker ("[gw1] linux -- Python 3.11 ...") to a failure's text
+        lines = [line for line in text.splitlines() if line.strip() and not re.match(r"^\[gw\d+\] ", line)]
         first = next((line for line in lines if line.startswith("E ")), lines[0] if lines else "")
         return "failed", first.removeprefix("E").strip()[:500]
     return "passed", None

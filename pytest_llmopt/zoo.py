@@ -186,10 +186,10 @@ def builtin_tokenizer(name: str) -> Any:
     return build_tokenizer(recipe)
 
 
-def build_builtin(name: str, seed: int, dtype: Any, device: Any, factory: Callable[..., Any]) -> Any:
+def build_builtin(name: str, seed: int, dtype: Any, device: Any, factory: Callable[..., Any], attention: str | None = None) -> Any:
     """Instantiate a built-in model with seeded weights directly on ``device``.
 
-    ``factory(config, dtype)`` comes from compat (the from_config dtype keyword changed in 5.0).
+    ``factory(config, dtype, attention)`` comes from compat (the from_config keywords changed across releases).
     Weights are drawn on the CPU in float32 for tiny models, so they are the same on every machine,
     and on the target device for shapes, where CPU initialization would take minutes.
     """
@@ -199,13 +199,13 @@ def build_builtin(name: str, seed: int, dtype: Any, device: Any, factory: Callab
     if name in TINY:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = factory(config, torch.float32)
+            model = factory(config, torch.float32, attention)
         model = model.to(device=device, dtype=dtype)
     else:
         with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
             torch.manual_seed(seed)
             with torch.device(device):
-                model = factory(config, dtype)
+                model = factory(config, dtype, attention)
     model.generation_config.pad_token_id = PAD_ID
     model.generation_config.eos_token_id = EOS_ID
     model.generation_config.bos_token_id = BOS_ID

@@ -1,0 +1,35 @@
+"""Proof of calm: the suites are green on every built-in architecture and on both real trained models,
+for several seeds, on this CPU. Checks that fail without a real bug would make the product useless."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import SUITES, shared_model
+from pytest_llmopt import zoo
+from pytest_llmopt.report import load
+
+
+def _run_suites(pytester: pytest.Pytester, models: list[str], seed: int) -> None:
+    report = pytester.path / "calm.json"
+    args = [str(SUITES), "-p", "no:cacheprovider", "-n", "2", f"--llmopt-seed={seed}", f"--llmopt-report={report}"]
+    result = pytester.runpytest_subprocess(*args, *[f"--llmopt-model={m}" for m in models], timeout=1800)
+    results, _ = load(report)
+    failed = [f"{r.key}: {r.reason}" for r in results if r.status == "failed"]
+    assert not failed, "\n".join(failed)
+    assert result.ret == 0, result.stdout.str()[-4000:]
+    ran = {r.model for r in results if r.status == "passed"}
+    assert ran == {Path(m).name for m in models}, f"some model had no passing check: {ran}"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_green_on_every_builtin_architecture(pytester: pytest.Pytester, clean_env: pytest.MonkeyPatch, seed: int) -> None:
+    _run_suites(pytester, list(zoo.TINY), seed)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_green_on_the_real_models(pytester: pytest.Pytester, clean_env: pytest.MonkeyPatch, seed: int) -> None:
+    models = [str(shared_model("tinystories-656k")), str(shared_model("stories-260k"))]
+    _run_suites(pytester, models, seed)

@@ -1,0 +1,168 @@
+"""Reports: what a run records, the same through xdist, rendered for people, and the upgrade gate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pytest_llmopt.cli import compare, main
+from pytest_llmopt.render import markdown
+from pytest_llmopt.report import Result, load
+
+SUITE = """
+import pytest
+
+@pytest.mark.llmopt(cache=["dynamic", "static"], reference={"cache": "dynamic"})
+def test_passes(llmopt_case):
+    llmopt_case.record(acceptance_rate=0.75, max_delta_logit=1.5e-5)
+
+@pytest.mark.llmopt(attention=["eager", "sdpa:flash"])
+def test_fails(llmopt_case):
+    llmopt_case.record(recompiles=3)
+    pytest.fail("generations differ beyond a near-tie", pytrace=False)
+
+@pytest.mark.llmopt()
+def test_unsupported(llmopt_case):
+    pytest.skip("unsupported by the model: TinyForCausalLM does not declare _supports_x")
+
+@pytest.mark.llmopt()
+@pytest.mark.parametrize("kind", ["a", "b"])
+def test_inconclusive(llmopt_case, kind):
+    pytest.skip("inconclusive: nothing to compare")
+
+def test_not_a_suite_test():
+    pass
+"""
+
+
+@pytest.fixture
+def suite(pytester: pytest.Pytester, clean_env: pytest.MonkeyPatch) -> pytest.Pytester:
+    pytester.makepyfile(test_optim=SUITE)
+    return pytester
+
+
+def _results(path: Path) -> dict[str, Result]:
+    results, _ = load(path)
+    return {r.key: r for r in results}
+
+
+def test_json_report_records_status_reason_and_figures(suite: pytest.Pytester) -> None:
+    result = suite.runpytest("--llmopt-report=out/r.json")
+    result.assert_outcomes(passed=3, failed=1, skipped=4)
+    result.stdout.fnmatch_lines(["*llmopt: model x optimization*", "tiny-llama  optim          FAIL 2/3 *", "report written to *r.json"])
+    found = _results(suite.path / "out" / "r.json")
+    assert found["optim::test_passes[static/sdpa/fp32@tiny-llama]"].status == "passed"
+    assert found["optim::test_passes[static/sdpa/fp32@tiny-llama]"].metrics == {"acceptance_rate": 0.75, "max_delta_logit": 1.5e-5}
+    failed = found["optim::test_fails[dynamic/eager/fp32@tiny-llama]"]
+    assert failed.status == "failed" and failed.reason == "generations differ beyond a near-tie" and failed.metrics == {"recompiles": 3}
+    skipped = found["optim::test_fails[dynamic/sdpa:flash/fp32@tiny-llama]"]
+    assert skipped.status == "skipped" and skipped.reason.startswith("needs CUDA")
+    assert found["optim::test_unsupported[dynamic/sdpa/fp32@tiny-llama]"].status == "unsupported"
+    assert found["optim::test_inconclusive[dynamic/sdpa/fp32@tiny-llama-b]"].status == "inconclusive"
+    assert len(found) == 7  # the plain test is not an llmopt check
+    doc = json.loads((suite.path / "out" / "r.json").read_text())
+    assert doc["environment"]["versions"]["transformers"] and doc["environment"]["device"] == "cpu"
+    assert doc["summary"]["failed"] == 1 and doc["summary"]["passed"] == 2
+
+
+def _comparable(path: Path) -> list[tuple]:
+    results, _ = load(path)
+    return [(r.key, r.status, r.reason, sorted(r.metrics.items())) for r in results]
+
+
+def test_xdist_gives_the_same_report_as_a_serial_run(suite: pytest.Pytester) -> None:
+    suite.runpytest("--llmopt-report=serial.json")
+    parallel = suite.runpytest_subprocess("-n", "2", "--llmopt-report=parallel.json", "-p", "xdist")
+    parallel.assert_outcomes(passed=3, failed=1, skipped=4)
+    assert _comparable(suite.path / "serial.json") == _comparable(suite.path / "parallel.json")
+
+
+def test_markdown_and_html_reports(suite: pytest.Pytester) -> None:
+    suite.runpytest("--llmopt-report=r.md")
+    text = (suite.path / "r.md").read_text()
+    assert "| model | optim |" in text and "| **tiny-llama** | ❌ 2/3" in text
+    assert "### ❌ Failures (1)" in text and "generations differ beyond a near-tie" in text
+    assert "⚪ Unsupported (1)" in text and "does not declare _supports_x" in text
+    suite.runpytest("--llmopt-report=r.html")
+    page = (suite.path / "r.html").read_text()
+    assert "<td class='cell fail'" in page and "generations differ beyond a near-tie" in page
+
+
+def _result(status: str = "passed", **metrics: float) -> Result:
+    return Result("speculative", "test_x", "m", "dynamic/sdpa/bf16", status, metrics=dict(metrics))
+
+
+@pytest.mark.parametrize(
+    ("base", "candidate", "kind"),
+    [
+        (_result(), _result("failed"), "regression"),
+        (_result(), _result("unsupported"), "regression"),
+        (_result("failed"), _result(), "improvement"),
+        (_result(), _result("skipped"), "change"),
+        (_result(acceptance_rate=0.90), _result(acceptance_rate=0.85), "regression"),
+        (_result(acceptance_rate=0.90), _result(acceptance_rate=0.89), None),
+        (_result(speedup=4.0), _result(speedup=3.6), "regression"),
+        (_result(speedup=4.0), _result(speedup=3.9), None),
+        (_result(peak_memory_bytes=100), _result(peak_memory_bytes=110), "regression"),
+        (_result(peak_memory_bytes=100), _result(peak_memory_bytes=80), "improvement"),
+        (_result(recompiles=0), _result(recompiles=1), "regression"),
+        (_result(max_delta_logit=1e-5), _result(max_delta_logit=2e-5), None),
+    ],
+)
+def test_compare_classifies_changes(base, candidate, kind):
+    changes, unchanged = compare([base], [candidate])
+    assert [c.kind for c in changes] == ([kind] if kind else [])
+    assert unchanged == (0 if kind else 1)
+
+
+def test_compare_flags_a_missing_check():
+    changes, _ = compare([_result()], [])
+    assert changes[0].kind == "regression" and "missing" in changes[0].note
+
+
+def _write(path: Path, results: list[Result]) -> Path:
+    from pytest_llmopt.report import to_document
+
+    path.write_text(json.dumps(to_document(results, {"versions": {"transformers": "x"}, "device": "cpu"})))
+    return path
+
+
+def test_cli_exit_status_and_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = _write(tmp_path / "a.json", [_result(acceptance_rate=0.9), Result("attention", "test_y", "m", "v", "passed")])
+    same = _write(tmp_path / "b.json", [_result(acceptance_rate=0.9), Result("attention", "test_y", "m", "v", "passed")])
+    worse = _write(tmp_path / "c.json", [_result(acceptance_rate=0.5), Result("attention", "test_y", "m", "v", "failed", reason="boom")])
+    assert main(["compare", str(base), str(same)]) == 0
+    assert "PASS" in capsys.readouterr().out
+    summary = tmp_path / "summary.md"
+    assert main(["compare", str(base), str(worse), "-o", str(summary)]) == 1
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("| ❌")]
+    assert len(lines) == 2 and "new failure" in out and "acceptance_rate" in out
+    assert out.index("❌") < out.index("unchanged") or "0 check(s) unchanged" in out
+    assert summary.read_text() == out
+
+
+@pytest.mark.parametrize(("content", "message"), [(None, "no such file"), ("{", "not JSON"), ('{"schema": 9}', "not a pytest-llmopt JSON report")])
+def test_cli_bad_report_is_one_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str], content, message) -> None:
+    good = _write(tmp_path / "good.json", [_result()])
+    bad = tmp_path / "bad.json"
+    if content is not None:
+        bad.write_text(content)
+    assert main(["compare", str(bad), str(good)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"llmopt: {bad}: {message}") and err.count("\n") == 1
+
+
+def test_report_merges_runs_of_several_models(tmp_path: Path) -> None:
+    a = _write(tmp_path / "a.json", [Result("static_cache", "test_x", "model-a", "static/sdpa/fp32", "passed")])
+    b = _write(tmp_path / "b.json", [Result("static_cache", "test_x", "model-b", "static/sdpa/fp32", "failed", reason="r")])
+    assert main(["report", str(a), str(b), "-o", str(tmp_path / "compat.md")]) == 0
+    text = (tmp_path / "compat.md").read_text()
+    assert "| **model-a** | ✅ 1/1 |" in text and "| **model-b** | ❌ 0/1 |" in text
+
+
+def test_markdown_fits_a_pr_comment():
+    results = [Result("attention", f"test_{i}", f"m{i % 7}", "dynamic/sdpa/bf16", "passed", metrics={"max_delta_logit": 0.1}) for i in range(3000)]
+    assert len(markdown(results, [{}])) < 65_000  # GitHub's comment limit is 65,536 characters
