@@ -119,6 +119,8 @@ class Case:
         self.param = param
         self.session = session
         self.node = node
+        # The worst figures seen by this test's checks, recorded for the report.
+        self.stats: dict[str, Any] = {"max_delta_logit": 0.0, "near_ties": 0, "min_tie_margin": None}
 
     @property
     def spec(self) -> ModelSpec:
@@ -254,14 +256,28 @@ class Case:
             pytest.fail(verdict.message, pytrace=False)
         return verdict
 
+    def check_logits(self, reference: Any, candidate: Any, mask: Any, path: str = "attention", what: str = "") -> Any:
+        """Fail the test unless two forward passes' logits agree at every real (unpadded) position
+        (equivalence.compare_logits); keeps the largest |Δlogit| seen for the report."""
+        from .equivalence import compare_logits
+
+        verdict = compare_logits(
+            reference, candidate, mask, self.tolerance(path), label=f"{self.label}{' (' + what + ')' if what else ''}", reproduce=self.reproduce
+        )
+        self.stats["logits_max_delta"] = max(verdict.max_delta, self.stats.get("logits_max_delta", 0.0))
+        self.record(logits_max_delta=self.stats["logits_max_delta"])
+        if not verdict.ok:
+            pytest.fail(verdict.message, pytrace=False)
+        return verdict
+
     def _keep_stats(self, stats: dict[str, Any]) -> None:
-        seen = self.__dict__.setdefault("_stats", {"max_delta_logit": 0.0, "near_ties": 0, "min_tie_margin": None})
+        seen = self.stats
         seen["max_delta_logit"] = max(seen["max_delta_logit"], stats.get("max_delta_logit", 0.0))
         seen["near_ties"] += stats.get("near_ties", 0)
         margin = stats.get("min_tie_margin")
         if margin is not None:
             seen["min_tie_margin"] = margin if seen["min_tie_margin"] is None else min(seen["min_tie_margin"], margin)
-        self.record(**seen)
+        self.record(max_delta_logit=seen["max_delta_logit"], near_ties=seen["near_ties"], min_tie_margin=seen["min_tie_margin"])
 
     def record(self, **metrics: Any) -> None:
         """Attach measured figures to this test's result (they reach the report, also through xdist)."""

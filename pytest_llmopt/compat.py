@@ -162,12 +162,6 @@ def sdpa_backend(name: str | None) -> Iterator[None]:
         yield
 
 
-def flash_attention_available(version: int) -> bool:
-    from transformers.utils import import_utils
-
-    probe = "is_flash_attn_2_available" if version == 2 else "is_flash_attn_3_available"
-    return bool(getattr(import_utils, probe, lambda: False)())
-
 
 # --------------------------------------------------------------------------------------------------
 # Caches and forward calls
@@ -205,7 +199,7 @@ def cache_tensors(cache: Any) -> list[torch.Tensor]:
     return tensors
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _forward_params(cls: type) -> frozenset[str]:
     return frozenset(inspect.signature(cls.forward).parameters)
 
@@ -243,8 +237,6 @@ def step_kwargs(model: Any, input_ids: torch.Tensor, cache: Any, start: int, att
     return kwargs
 
 
-def output_cache(outputs: Any) -> Any:
-    return getattr(outputs, "cache", None) if hasattr(outputs, "cache") else outputs.past_key_values
 
 
 # --------------------------------------------------------------------------------------------------

@@ -12,9 +12,6 @@ from dataclasses import dataclass, field
 
 from importlib import metadata
 
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-
-
 @dataclass(frozen=True)
 class Machine:
     device: str  # "cpu" | "cuda:N"

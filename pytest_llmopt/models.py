@@ -111,7 +111,7 @@ class ModelInfo:
         return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def describe(spec: ModelSpec, trust_remote_code: bool) -> ModelInfo:
     """Config, class and declared capabilities of a model (reads config.json only)."""
     from transformers import AutoConfig
@@ -241,7 +241,7 @@ def load_tokenizer(spec: ModelSpec, trust_remote_code: bool) -> Any:
     return tok
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _saved_builtin(name: str, seed: int) -> str:
     """A built-in model written to a temporary folder, for loaders that need from_pretrained (bnb)."""
     import tempfile

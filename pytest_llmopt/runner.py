@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -30,7 +30,6 @@ class Generation:
     sequences: torch.Tensor  # [B, P + N]
     logits: torch.Tensor | None  # [B, N, V]
     attention_mask: torch.Tensor | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
 
     @property
     def new_tokens(self) -> torch.Tensor:
@@ -155,7 +154,7 @@ class Runner:
                 logits.append(out.logits[:, -1].float().clone())
                 tokens.append(self._pick(logits[-1]))
         sequences = torch.cat([input_ids, *tokens], dim=1).cpu()
-        return Generation(input_ids.cpu(), sequences, torch.stack(logits, dim=1).cpu(), extras={"cache": cache})
+        return Generation(input_ids.cpu(), sequences, torch.stack(logits, dim=1).cpu())
 
     def _pick(self, logits: torch.Tensor) -> torch.Tensor:
         masked = logits.clone()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -326,8 +326,3 @@ def from_config(config: pytest.Config) -> Settings:
     cli = {spec.dest: getattr(config.option, spec.dest, None) for spec in OPTIONS}
     ini = {spec.ini: config.getini(spec.ini) for spec in OPTIONS}  # None where the ini file is silent
     return resolve(cli, dict(os.environ), ini, config.inipath, Path(config.invocation_params.dir))
-
-
-def describe_sources(settings: Settings, names: Sequence[str]) -> str:
-    """'model from --llmopt-model, device from default' - used by the report header."""
-    return ", ".join(f"{name} from {settings.sources.get(name, 'default')}" for name in names)

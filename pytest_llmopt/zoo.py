@@ -59,7 +59,7 @@ TOKENIZER_A = TokenizerRecipe(vocab_size=512)
 TOKENIZER_B = TokenizerRecipe(vocab_size=384)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _trained(recipe: TokenizerRecipe) -> str:
     """The trained tokenizer as JSON (cached: training takes a few milliseconds, but once is enough)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

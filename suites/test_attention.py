@@ -30,7 +30,7 @@ def test_logits_match_eager(llmopt_case):
     case = llmopt_case
     reference, target = case.reference, case.target
     ids, mask = _batch(case, target)
-    _check_logits(case, reference.forward_logits(ids, mask), target.forward_logits(ids, mask), mask.cpu(), "padded batch")
+    case.check_logits(reference.forward_logits(ids, mask), target.forward_logits(ids, mask), mask.cpu(), what="padded batch")
 
 
 @pytest.mark.llmopt(attention=CANDIDATES, reference=TO_EAGER)
@@ -41,7 +41,7 @@ def test_single_prompt_matches_eager(llmopt_case):
     reference, target = case.reference, case.target
     for prompt in case.prompts:
         ids, mask = target.encode(prompt.text)
-        _check_logits(case, reference.forward_logits(ids, mask), target.forward_logits(ids, mask), mask.cpu(), f"prompt {prompt.name!r}")
+        case.check_logits(reference.forward_logits(ids, mask), target.forward_logits(ids, mask), mask.cpu(), what=f"prompt {prompt.name!r}")
         case.check_greedy(
             reference.generate(ids, mask, case.new_tokens),
             target.generate(ids, mask, case.new_tokens),
@@ -68,7 +68,7 @@ def test_long_prompt_matches_eager(llmopt_case):
     length = min(LONG_TOKENS[case.session.machine.device_type], limit - case.new_tokens - 8)
     text = long_prompt(target.tokenizer, length)
     ids, mask = target.encode([text, long_prompt(target.tokenizer, length // 2)])
-    _check_logits(case, reference.forward_logits(ids, mask), target.forward_logits(ids, mask), mask.cpu(), f"prompt of {ids.shape[1]} tokens")
+    case.check_logits(reference.forward_logits(ids, mask), target.forward_logits(ids, mask), mask.cpu(), what=f"prompt of {ids.shape[1]} tokens")
     case.check_greedy(
         reference.generate(ids, mask, case.new_tokens),
         target.generate(ids, mask, case.new_tokens),
@@ -76,12 +76,3 @@ def test_long_prompt_matches_eager(llmopt_case):
         what=f"prompt of {ids.shape[1]} tokens",
     )
 
-
-def _check_logits(case, reference, candidate, mask, what):
-    from pytest_llmopt.equivalence import compare_logits
-
-    verdict = compare_logits(reference, candidate, mask, case.tolerance("attention"), label=f"{case.label} ({what})", reproduce=case.reproduce)
-    case.__dict__["_logits_max"] = max(verdict.max_delta, case.__dict__.get("_logits_max", 0.0))
-    case.record(logits_max_delta=case.__dict__["_logits_max"])
-    if not verdict.ok:
-        pytest.fail(verdict.message, pytrace=False)
