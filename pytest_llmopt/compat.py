@@ -302,15 +302,18 @@ def generate_kwargs(
     compile_mode: str,
     device_type: str,
     do_sample: bool = False,
+    eos_ids: list[int] | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments for generate() that force exactly ``new_tokens`` tokens on the requested path.
 
-    EOS stays defined (older releases crash in assisted decoding with ``eos_token_id=None``) but is
-    suppressed by ``min_new_tokens``; sampling knobs a model's generation_config may carry are reset.
+    EOS stays defined (older releases crash in assisted decoding with ``eos_token_id=None``) but can
+    never be chosen: it is suppressed at every step (``suppress_tokens``). Not ``min_new_tokens``: 4.5x
+    refuses assisted decoding with a minimum-length processor. Sampling knobs a model's
+    generation_config may carry are reset.
     """
     kwargs: dict[str, Any] = {
         "max_new_tokens": new_tokens,
-        "min_new_tokens": new_tokens,
+        "suppress_tokens": list(eos_ids or []),
         "do_sample": do_sample,
         "return_dict_in_generate": True,
         "output_logits": True,

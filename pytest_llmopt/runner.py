@@ -1,8 +1,8 @@
 """How a variant is run: generate() with the variant's cache, compile mode, attention and SDPA backend,
 or the hand-written static-cache decode loop of the transformers guide.
 
-Every run forces its output length (``min_new_tokens == max_new_tokens``, EOS kept defined but
-suppressed) and returns the raw logits of each new token, so two runs can be compared token by token.
+Every run forces its output length (EOS kept defined but suppressed at every step) and returns the
+raw logits of each new token, so two runs can be compared token by token.
 """
 
 from __future__ import annotations
@@ -114,6 +114,7 @@ class Runner:
             compile_mode=self.variant.compile,
             device_type=self.machine.device_type,
             do_sample=do_sample,
+            eos_ids=self.eos_ids,
         )
         if self.variant.cache == "static-object" and "cache_object" not in extra:
             cache = compat.make_static_cache(self.model, input_ids.shape[0], input_ids.shape[1] + new_tokens)
@@ -135,7 +136,7 @@ class Runner:
     ) -> Generation:
         """The guide's pattern: eager prefill into a StaticCache, then one (compiled) forward per token.
 
-        Greedy, no padding. EOS is masked like min_new_tokens masks it. With CUDA graphs the output
+        Greedy, no padding. EOS is masked as generate_kwargs suppresses it. With CUDA graphs the output
         buffer is reused by the next replay, so each step's logits are cloned.
         """
         batch, prompt_len = input_ids.shape
@@ -185,7 +186,7 @@ class Runner:
 
     def exact_probs(self, full_ids: torch.Tensor, prompt_len: int, chunk: int = 64) -> torch.Tensor:
         """The distribution each generated token was drawn from under plain sampling (temperature 1,
-        no top-k/top-p, EOS masked as min_new_tokens masks it), by teacher forcing: [n, L, V] float64."""
+        no top-k/top-p, EOS masked as generate_kwargs suppresses it), by teacher forcing: [n, L, V] float64."""
         out = []
         eos = self.eos_ids
         for start in range(0, full_ids.shape[0], chunk):

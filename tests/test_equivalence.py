@@ -82,7 +82,7 @@ def test_drift_before_the_divergence_fails_even_when_tokens_agree():
 
 def test_eos_is_ignored_when_judging_a_tie():
     ref_logits = _peaked([2, 3, 4])
-    ref_logits[0, 1, 1] = 5.0  # EOS (id 1) is suppressed by min_new_tokens: not a candidate
+    ref_logits[0, 1, 1] = 5.0  # EOS (id 1) is suppressed while generating: not a candidate
     ref_logits[0, 1, 5] = 1.0 - 0.001
     cand_logits = ref_logits.clone()
     cand_logits[0, 1, 5] = 1.0 + 0.0001

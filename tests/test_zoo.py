@@ -43,7 +43,7 @@ def test_tiny_models_are_context_sensitive(name):
     context changes tokens too, and the suites are not blind (with initializer range 0.02 they are)."""
     model = _build(name)
     tok = zoo.builtin_tokenizer(name)
-    kwargs = compat.generate_kwargs(new_tokens=16, cache="dynamic", compile_mode="off", device_type="cpu")
+    kwargs = compat.generate_kwargs(new_tokens=16, cache="dynamic", compile_mode="off", device_type="cpu", eos_ids=[zoo.EOS_ID])
     changed = 0
     texts = ["Once upon a time there was a little robot named Tim. Tim lived", "The quarterly report shows that revenue grew by twelve"]
     for text in texts:
