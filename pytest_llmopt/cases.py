@@ -67,7 +67,7 @@ def params_for(session: LlmoptSession, marker: pytest.Mark, test_name: str) -> l
             param = CaseParam(spec, variant, reference)
             marks: list[Any] = [getattr(pytest.mark, name) for name in variant.markers()]
             reason = skip_reason(variant, machine, info.capabilities, info.class_name)
-            reason = reason or compat.missing_feature(variant.compile, variant.cache)
+            reason = reason or compat.missing_feature(variant.compile, variant.cache, machine.device_type)
             if reason:
                 marks.append(pytest.mark.skip(reason=reason))
             issue = compat.known_issue(test_name, variant.cache, variant.attention, machine.device_type)

@@ -123,7 +123,9 @@ class Runner:
             kwargs[compat.cache_keyword(self.model)] = extra.pop("cache_object")
         kwargs.update(extra)
         with self.active() as model, self.refusals_skip():
-            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            eager = compat.eager_generate(model) if self.variant.compile == "off" else contextlib.nullcontext()
+            with eager:
+                out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         logits = torch.stack(out.logits, dim=1).float().cpu() if out.logits else None
         return Generation(input_ids.cpu(), out.sequences.cpu(), logits, None if attention_mask is None else attention_mask.cpu())
 

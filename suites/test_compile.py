@@ -9,6 +9,8 @@ Two ways users compile: generate()'s own auto-compile of the decode step when th
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 from pytest_llmopt.compat import count_compiled_calls
@@ -72,10 +74,14 @@ def _check_recompiles(case):
     encoded = [target.encode(t)[0][:, :width] for t in texts]  # same shape, different tokens
     with watch_compiles() as warmup:
         target.generate(encoded[0], None, case.new_tokens)
-    with watch_compiles() as after:
+    auto = target.variant.compile == "auto"
+    with watch_compiles() as after, count_compiled_calls(target.model) if auto else contextlib.nullcontext({}) as compiled:
         for ids in encoded[1:] + encoded[:1]:
             target.generate(ids, None, case.new_tokens)
     case.record(compiles_warmup=warmup.graphs, recompiles=after.graphs)
+    # No recompile is only worth something if the compiled code ran (an auto-compile that silently stayed
+    # eager compiles nothing either).
+    assert not auto or compiled["calls"] > 0, f"{case.label}: generate() never called its compiled forward: auto-compile did not trigger"
     assert warmup.graphs <= WARMUP_GRAPHS, (
         f"{case.label}: {warmup.graphs} graphs compiled during one warm-up call of {case.new_tokens} tokens "
         f"(expected at most {WARMUP_GRAPHS}): it recompiles while decoding.\n  dynamo's reasons: {_reasons(warmup.reasons)}"

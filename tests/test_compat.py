@@ -1,0 +1,179 @@
+"""The compatibility module's probes: how it reads the installed transformers, checked against code
+shaped like the releases it has to tell apart (4.46's explicit StaticCache, 4.54's ``**kwargs``
+forwarding, the universal-draft and early-exit bugs of 5.0-5.10 and their fixes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.generation import candidate_generator as cg
+
+from pytest_llmopt import compat
+
+
+class _Cache454:
+    def __init__(self, layer_classes, config=None, max_batch_size=None, max_cache_len=None, device=None, dtype=None, **kwargs):
+        pass
+
+
+class _Static454(_Cache454):
+    def __init__(self, *args, **kwargs):
+        super().__init__(object, *args, **kwargs)
+
+
+class _Static446:
+    def __init__(self, config, batch_size=None, max_cache_len=None, device=None, dtype=torch.float32, max_batch_size=None):
+        pass
+
+
+class _Cache5:
+    def __init__(self, layers=None, offloading=False):
+        pass
+
+
+class _Static5(_Cache5):
+    def __init__(self, config, max_cache_len, offloading=False, **kwargs):
+        super().__init__(offloading=offloading)
+
+
+@pytest.mark.parametrize(
+    ("cls", "expected", "absent"),
+    [
+        (_Static454, {"config", "max_batch_size", "max_cache_len", "device", "dtype"}, set()),
+        (_Static446, {"config", "batch_size", "max_batch_size", "device", "dtype"}, set()),
+        (_Static5, {"config", "max_cache_len", "offloading", "layers"}, {"max_batch_size", "device", "dtype"}),
+    ],
+    ids=["4.54-kwargs-forwarding", "4.46-explicit", "5.x-lazy"],
+)
+def test_static_cache_arguments_are_found_through_kwargs_forwarding(cls, expected, absent):
+    params = compat._init_params(cls)
+    assert expected <= params
+    assert not (absent & params)
+
+
+def test_static_cache_of_the_installed_release_has_the_asked_length():
+    from pytest_llmopt import zoo
+
+    model = zoo.build_builtin("tiny-llama", 0, torch.float32, "cpu", compat.from_config)
+    cache = compat.make_static_cache(model, batch_size=2, max_cache_len=24)
+    ids = torch.randint(3, 100, (2, 5))
+    compat.forward_step(model, ids, cache, start=0)
+    tensors = compat.cache_tensors(cache)
+    assert tensors and all(t.shape[0] == 2 and t.shape[-2] == 24 for t in tensors)
+
+
+@pytest.mark.parametrize(
+    ("exc", "backend", "fragment"),
+    [
+        (ValueError("`assisted generate` is not supported with Static cache classes`"), None, "unsupported by transformers"),
+        (RuntimeError("No available kernel. Aborting execution."), "flash", "the flash SDPA backend has no kernel"),
+        (
+            RuntimeError("LoweringException: NotImplementedError: torch.compile on CPU only supports inference and `return_lse` is not supported yet."),
+            None,
+            "CPU flex_attention cannot return the log-sum-exp",
+        ),
+    ],
+    ids=["transformers-refuses", "sdpa-backend-has-no-kernel", "flex-cpu-lse"],
+)
+def test_refusals_are_told_apart_from_errors(exc, backend, fragment):
+    reason = compat.refusal(exc, backend)
+    assert reason is not None and fragment in reason
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [RuntimeError("The size of tensor a (46) must match the size of tensor b (39)"), RuntimeError("No available kernel."), ValueError("bad value")],
+    ids=["real-error", "no-kernel-without-a-pinned-backend", "other-value-error"],
+)
+def test_real_errors_are_not_refusals(exc):
+    assert compat.refusal(exc, None) is None
+
+
+def _needs(name: str) -> None:
+    if not hasattr(cg, name):
+        pytest.skip(f"transformers has no {name} here: the probe answers False without looking")
+
+
+def test_universal_draft_probe_sees_the_5_0_prefill_path(monkeypatch):
+    _needs("AssistedCandidateGeneratorDifferentTokenizers")
+
+    def prepare(self, input_ids, min_new_tokens, max_new_tokens, is_first_iteration):  # 5.0-5.2's signature
+        return {}
+
+    monkeypatch.setattr(cg.AssistedCandidateGenerator, "_prepare_generation_args", prepare, raising=False)
+    assert compat._universal_draft_gets_target_inputs()
+
+
+def test_universal_draft_probe_sees_position_ids_kept_and_dropped(monkeypatch):
+    _needs("AssistedCandidateGeneratorDifferentTokenizers")
+
+    def prepare(self, input_ids, min_new_tokens, max_new_tokens):
+        return {}
+
+    def kept(self, input_ids):  # 5.5-5.10: position ids of the target stay in the assistant kwargs
+        self.assistant_kwargs.pop("attention_mask", None)
+
+    def dropped(self, input_ids):  # 5.14: dropped before the draft generates
+        self.assistant_kwargs.pop("attention_mask", None)
+        self.assistant_kwargs.pop("position_ids", None)
+
+    monkeypatch.setattr(cg.AssistedCandidateGenerator, "_prepare_generation_args", prepare, raising=False)
+    monkeypatch.setattr(cg, "_prepare_position_ids", lambda *a: None, raising=False)
+    monkeypatch.setattr(cg.AssistedCandidateGeneratorDifferentTokenizers, "get_candidates", kept)
+    assert compat._universal_draft_gets_target_inputs()
+    monkeypatch.setattr(cg.AssistedCandidateGeneratorDifferentTokenizers, "get_candidates", dropped)
+    assert not compat._universal_draft_gets_target_inputs()
+
+
+def test_early_exit_probe(monkeypatch):
+    _needs("EarlyExitCandidateGenerator")
+
+    def base(self, input_ids, is_first_iteration):  # 5.0-5.2: a new required argument
+        return input_ids, None
+
+    def broken(self, input_ids, is_first_iteration):
+        return super().get_candidates(input_ids)  # noqa: F821 - only read as source
+
+    def fixed(self, input_ids, is_first_iteration):
+        return super().get_candidates(input_ids, is_first_iteration)  # noqa: F821
+
+    monkeypatch.setattr(cg.AssistedCandidateGenerator, "get_candidates", base)
+    monkeypatch.setattr(cg.EarlyExitCandidateGenerator, "get_candidates", broken)
+    assert compat._early_exit_drops_first_iteration()
+    monkeypatch.setattr(cg.EarlyExitCandidateGenerator, "get_candidates", fixed)
+    assert not compat._early_exit_drops_first_iteration()
+
+
+def test_instance_overrides_nest_and_restore():
+    """The reference and the target of a check share one model: counting compiled calls around both, and
+    keeping the reference eager inside, must leave the model as it was (4.48 on CUDA lost the counter)."""
+
+    class Model:
+        def get_compiled_call(self, config):
+            return "class"
+
+    model = Model()
+    counting, eager = (lambda c: "counting"), (lambda c: "eager")
+    with compat._instance_override(model, "get_compiled_call", counting):
+        with compat._instance_override(model, "get_compiled_call", eager):
+            assert model.get_compiled_call(None) == "eager"
+        assert model.get_compiled_call(None) == "counting"
+    assert "get_compiled_call" not in vars(model) and model.get_compiled_call(None) == "class"
+
+
+@pytest.mark.parametrize(
+    ("new_api", "cuda_only", "device", "expected"),
+    [
+        (True, False, "cpu", None),
+        (False, True, "cuda", None),
+        (False, True, "cpu", "auto-compiles only on CUDA"),
+        (False, False, "cuda", "has no auto-compile"),
+    ],
+    ids=["4.52+", "4.48-4.51-cuda", "4.48-4.51-cpu", "4.46"],
+)
+def test_auto_compile_support_by_release(monkeypatch, new_api, cuda_only, device, expected):
+    monkeypatch.setattr(compat, "supports_auto_compile", lambda: new_api)
+    monkeypatch.setattr(compat, "_auto_compiles_on_cuda_only", lambda: cuda_only)
+    reason = compat.missing_feature("auto", "static", device)
+    assert reason is None if expected is None else expected in reason
+    assert compat.missing_feature("off", "static", device) is None
