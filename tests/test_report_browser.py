@@ -54,10 +54,10 @@ def test_matrix_shows_each_model_and_optimization_with_its_color(page) -> None:
     assert page.locator("#matrix tbody th").all_inner_texts() == ["tiny-llama", "tiny-gptneo"]
     expected = {
         ("tiny-llama", "static_cache"): ("pass", "pass 2/2"),
-        ("tiny-llama", "speculative"): ("fail", "FAIL 1/2 · acceptance 25%"),
+        ("tiny-llama", "speculative"): ("fail", "FAIL 1/2 · early-exit draft 25% accepted"),
         ("tiny-llama", "attention"): ("skipped", "1 not run"),
         ("tiny-gptneo", "static_cache"): ("unsupported", "1 unsupported"),
-        ("tiny-gptneo", "speculative"): ("pass", "pass 1/1 · acceptance 50%"),
+        ("tiny-gptneo", "speculative"): ("pass", "pass 1/1 · early-exit draft 50% accepted"),
     }
     for (model, suite), (state, text) in expected.items():
         cell = _cell(page, model, suite)
