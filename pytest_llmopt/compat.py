@@ -310,9 +310,11 @@ def supports_auto_compile() -> bool:
     return hasattr(GenerationMixin, "_valid_auto_compile_criteria")
 
 
+@functools.cache
 def _auto_compiles_on_cuda_only() -> bool:
     """4.48-4.51: _sample compiles (``get_compiled_call``) whenever the cache is a StaticCache and the
-    device is CUDA, with no switch to turn it off; never on another device."""
+    device is CUDA, with no switch to turn it off; never on another device. Read once: it is asked at
+    every collected variant and every eager generate() call."""
     try:
         return "get_compiled_call" in inspect.getsource(GenerationMixin._sample)
     except (AttributeError, OSError, TypeError):
@@ -438,10 +440,10 @@ class KnownIssue:
     the installed code or versions, so the entry stops applying once the bug is fixed upstream."""
 
     tests: tuple[str, ...]
-    applies: Callable[[str, str, str], bool]  # (variant cache, attention, device type)
     present: Callable[[], bool]
     raises: str  # dotted exception class
     reason: str
+    applies: Callable[[str, str, str], bool] = lambda cache, attention, device: True  # (variant cache, attention, device type)
 
 
 def _prompt_lookup_overruns_max_length() -> bool:
@@ -510,7 +512,6 @@ KNOWN_ISSUES = (
     ),
     KnownIssue(
         tests=("test_early_exit_self_speculation",),
-        applies=lambda cache, attention, device: True,
         present=_early_exit_drops_first_iteration,
         raises="TypeError",
         reason="known issue: EarlyExitCandidateGenerator.get_candidates calls the base get_candidates without its "
@@ -518,7 +519,6 @@ KNOWN_ISSUES = (
     ),
     KnownIssue(
         tests=("test_universal_assisted_decoding",),
-        applies=lambda cache, attention, device: True,
         present=_universal_draft_gets_target_inputs,
         raises="RuntimeError",
         reason="known issue: universal assisted decoding hands the draft model the target's attention mask or position "
