@@ -82,6 +82,16 @@ def recompile_every_step(mp: pytest.MonkeyPatch) -> None:
     mp.setattr(StaticLayer, "update", update)
 
 
+def auto_compile_stays_eager(mp: pytest.MonkeyPatch) -> None:
+    """generate()'s auto-compile criteria answer no whatever the cache and config: a static cache decodes
+    eagerly, so it matches eager and compiles nothing, without compiling anything either."""
+    from transformers.generation.utils import GenerationMixin
+
+    if not hasattr(GenerationMixin, "_valid_auto_compile_criteria"):
+        raise LookupError("this transformers has no GenerationMixin._valid_auto_compile_criteria to patch")
+    mp.setattr(GenerationMixin, "_valid_auto_compile_criteria", lambda self, *args, **kwargs: False)
+
+
 def biased_speculative_acceptance(mp: pytest.MonkeyPatch) -> None:
     """Speculative sampling accepts drafts too often (verification against 0.5 p + 0.5 q instead of p,
     the 'ensemble' relaxation switched on by mistake)."""
