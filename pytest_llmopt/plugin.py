@@ -34,14 +34,20 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", marker)
     if config.option.help or config.option.version:
         return
-    # torch's structured-trace logger emits DEBUG records on every compile; kept out of failure reports.
-    logging.getLogger("torch.__trace").propagate = False
+    _quiet_torch_trace()
     session = build(settings_module.from_config(config))
     session.machine  # noqa: B018 - probe now: a device that does not exist is a usage error, not a collection error
     _share_cpu_between_workers()
     config.stash[SESSION_KEY] = session
     if not hasattr(config, "workerinput"):  # xdist workers hand their reports to the controller
         config.pluginmanager.register(ResultsPlugin(config), "llmopt-results")
+
+
+def _quiet_torch_trace() -> None:
+    """torch's structured-trace logger emits empty DEBUG records on every compile (853 in one H100 log), and
+    they reach pytest's captured log. Only tlparse needs them, and only when TORCH_TRACE names a folder."""
+    if not os.environ.get("TORCH_TRACE"):
+        logging.getLogger("torch.__trace").disabled = True
 
 
 def _share_cpu_between_workers() -> None:
@@ -155,6 +161,25 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, Any, Any]:
 
         release_memory()
         raise pytest.fail.Exception(f"out of GPU memory: {str(exc).splitlines()[0]}", pytrace=False) from None
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A crash inside torch or transformers in a suite test fails with one line naming the exception and its
+    first meaningful line (not hundreds of lines of inductor IR); -vv shows the whole traceback."""
+    report = yield
+    excinfo = call.excinfo
+    if (
+        report.failed
+        and excinfo is not None
+        and "llmopt_case" in getattr(item, "fixturenames", ())
+        and item.config.get_verbosity() < 2
+        and not isinstance(excinfo.value, (AssertionError, pytest.fail.Exception))
+    ):
+        from .cases import summary_line
+
+        report.longrepr = f"{summary_line(excinfo.value)}\n  (the full traceback: run again with -vv)"
+    return report
 
 
 @pytest.fixture(scope="session")

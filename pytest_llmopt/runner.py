@@ -17,23 +17,10 @@ import pytest
 import torch
 
 from . import compat
+from .equivalence import Generation
 from .machine import Machine
 from .models import Loaded, ModelSpec, ModelStore
 from .variants import Variant
-
-
-@dataclass
-class Generation:
-    """Prompt and generated ids with the raw logits of every generated position (float32, on CPU)."""
-
-    prompt_ids: torch.Tensor  # [B, P]
-    sequences: torch.Tensor  # [B, P + N]
-    logits: torch.Tensor | None  # [B, N, V]
-    attention_mask: torch.Tensor | None = None
-
-    @property
-    def new_tokens(self) -> torch.Tensor:
-        return self.sequences[:, self.prompt_ids.shape[1] :]
 
 
 @dataclass
@@ -101,13 +88,18 @@ class Runner:
         attention_mask: torch.Tensor | None,
         new_tokens: int,
         do_sample: bool = False,
+        force: torch.Tensor | None = None,
         **extra: Any,
     ) -> Generation:
-        """Generate exactly ``new_tokens`` tokens on this variant's path."""
+        """Generate exactly ``new_tokens`` tokens on this variant's path; with ``force`` [B, N], each step's
+        choice is forced to those tokens (teacher forcing) while its raw logits are kept. The result can
+        ``replay`` itself teacher-forced (see equivalence.Generation)."""
         if self.variant.compile in ("default", "reduce-overhead"):
             if do_sample or extra:
                 raise ValueError("the hand-written compiled decode loop is greedy and takes no extra arguments")
-            return self.decode_loop(input_ids, new_tokens, compile_mode=self.variant.compile)
+            return self.decode_loop(input_ids, new_tokens, compile_mode=self.variant.compile, force=force)
+        # A cache object handed in was filled by this call: a replay gets a fresh one, made the same way.
+        replay_extra = {k: v for k, v in extra.items() if k != "cache_object"}
         kwargs = compat.generate_kwargs(
             new_tokens=new_tokens,
             cache=self.variant.cache,
@@ -122,12 +114,21 @@ class Runner:
         if "cache_object" in extra:
             kwargs[compat.cache_keyword(self.model)] = extra.pop("cache_object")
         kwargs.update(extra)
+        if force is not None:
+            from transformers import LogitsProcessorList
+
+            kwargs["logits_processor"] = LogitsProcessorList([ForceTokens(force.to(input_ids.device), input_ids.shape[1])])
         with self.active() as model, self.refusals_skip():
             eager = compat.eager_generate(model) if self.variant.compile == "off" else contextlib.nullcontext()
             with eager:
                 out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         logits = torch.stack(out.logits, dim=1).float().cpu() if out.logits else None
-        return Generation(input_ids.cpu(), out.sequences.cpu(), logits, None if attention_mask is None else attention_mask.cpu())
+        mask = None if attention_mask is None else attention_mask.cpu()
+
+        def replay(tokens: torch.Tensor) -> Generation:
+            return self.generate(input_ids, attention_mask, new_tokens, do_sample, force=tokens, **replay_extra)
+
+        return Generation(input_ids.cpu(), out.sequences.cpu(), logits, mask, None if do_sample else replay)
 
     def decode_loop(
         self,
@@ -135,11 +136,12 @@ class Runner:
         new_tokens: int,
         compile_mode: str = "off",
         cache: Any = None,
+        force: torch.Tensor | None = None,
     ) -> Generation:
         """The guide's pattern: eager prefill into a StaticCache, then one (compiled) forward per token.
 
         Greedy, no padding. EOS is masked as generate_kwargs suppresses it. With CUDA graphs the output
-        buffer is reused by the next replay, so each step's logits are cloned.
+        buffer is reused by the next replay, so each step's logits are cloned. ``force`` [B, N]: teacher forcing.
         """
         batch, prompt_len = input_ids.shape
         total = prompt_len + new_tokens
@@ -149,17 +151,23 @@ class Runner:
             step = self._step_function(compile_mode)
             out = compat.forward_step(model, input_ids, cache, 0)
             logits = [out.logits[:, -1].float()]
-            tokens = [self._pick(logits[-1])]
+            tokens = [self._pick(logits[-1], force, 0)]
             for position in range(prompt_len, total - 1):
                 if compile_mode == "reduce-overhead":
                     torch.compiler.cudagraph_mark_step_begin()
                 out = step(**compat.step_kwargs(model, tokens[-1], cache, position))
                 logits.append(out.logits[:, -1].float().clone())
-                tokens.append(self._pick(logits[-1]))
+                tokens.append(self._pick(logits[-1], force, len(tokens)))
         sequences = torch.cat([input_ids, *tokens], dim=1).cpu()
-        return Generation(input_ids.cpu(), sequences, torch.stack(logits, dim=1).cpu())
 
-    def _pick(self, logits: torch.Tensor) -> torch.Tensor:
+        def replay(forced: torch.Tensor) -> Generation:
+            return self.decode_loop(input_ids, new_tokens, compile_mode, force=forced)
+
+        return Generation(input_ids.cpu(), sequences, torch.stack(logits, dim=1).cpu(), replay=replay)
+
+    def _pick(self, logits: torch.Tensor, force: torch.Tensor | None = None, step: int = 0) -> torch.Tensor:
+        if force is not None:
+            return force[:, step : step + 1].to(logits.device)
         masked = logits.clone()
         masked[:, self.eos_ids] = float("-inf")
         return masked.argmax(dim=-1, keepdim=True)
@@ -197,3 +205,23 @@ class Runner:
             logits[..., eos] = float("-inf")
             out.append(torch.softmax(logits, dim=-1))
         return torch.cat(out, dim=0)
+
+
+class ForceTokens:
+    """A logits processor that forces step i's choice to ``tokens[:, i]`` (teacher forcing inside generate()).
+
+    The raw logits (``output_logits``) are those of the path itself; only the choice is forced. The step is
+    read from the length of ``input_ids``, so assisted decoding, which calls processors once per candidate
+    position with growing ids, is forced the same way.
+    """
+
+    def __init__(self, tokens: torch.Tensor, prompt_length: int) -> None:
+        self.tokens = tokens
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        step = input_ids.shape[1] - self.prompt_length
+        if step >= self.tokens.shape[1]:
+            return scores
+        forced = torch.full_like(scores, float("-inf"))
+        return forced.scatter(1, self.tokens[:, step : step + 1].to(scores.device), 0.0)

@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
 # Run the suites on a CUDA machine that reaches no package registry (how the H100 figures in
-# baselines/ were made). Wheels it needs (flash-attn, bitsandbytes) are read from .gpu/ if present.
+# baselines/ were made). Wheels it needs (flash-attn, bitsandbytes) are read from .gpu/ if present, as
+# wheels or as xz-compressed site folders (*.txz: a wheel's contents, a third of the size; see NOTES.md).
 # Usage: OUT=results scripts/gpu-suites.sh [pytest arguments...]
 set -uo pipefail
 out=${OUT:-gpu-results}
 mkdir -p "$out"
 shopt -s nullglob
 wheels=(.gpu/*.whl)
+sites=(.gpu/*.txz)
+mkdir -p /tmp/site
 if ((${#wheels[@]})); then
     python3 -m pip install -q --no-deps --no-index --no-compile --target /tmp/site "${wheels[@]}" || exit 1
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+for site in "${sites[@]}"; do
+    tar xJf "$site" -C /tmp/site || exit 1
+done
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null || exit 1
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader

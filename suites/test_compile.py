@@ -31,7 +31,6 @@ def test_auto_compile_matches_eager(llmopt_case):
             case.check_greedy(
                 reference.generate(ids, mask, case.new_tokens),
                 target.generate(ids, mask, case.new_tokens),
-                path="compile",
                 what=f"prompt {prompt.name!r}",
             )
     case.record(compiled_forward_calls=compiled["calls"])
@@ -48,7 +47,6 @@ def test_fullgraph_decode_loop_matches_eager(llmopt_case):
         case.check_greedy(
             reference.generate(ids, mask, case.new_tokens),
             target.generate(ids, mask, case.new_tokens),
-            path="compile",
             what=f"prompt {prompt.name!r}",
         )
 

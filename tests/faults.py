@@ -68,6 +68,21 @@ def padding_mask_dropped_by_sdpa(mp: pytest.MonkeyPatch) -> None:
     mp.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa", sdpa_without_mask)
 
 
+def sdpa_scale_off(mp: pytest.MonkeyPatch, factor: float = 1.02) -> None:
+    """The SDPA path scales attention scores by 2 % too much (a wrong head-dim or a scaling applied twice, in
+    part): every logit moves a little, no token need change."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    original = ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+    def sdpa_scaled(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, **kwargs: Any) -> Any:
+        scaling = kwargs.get("scaling")
+        kwargs["scaling"] = (scaling if scaling is not None else query.shape[-1] ** -0.5) * factor
+        return original(module, query, key, value, attention_mask, **kwargs)
+
+    mp.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa", sdpa_scaled)
+
+
 def recompile_every_step(mp: pytest.MonkeyPatch) -> None:
     """A Python float on the cache layer that changes every step (like the old ``_seen_tokens``
     counter): dynamo guards on it, so every decode step compiles a new graph."""

@@ -7,18 +7,19 @@ import math
 import torch
 
 from pytest_llmopt.equivalence import (
-    Tolerance,
+    FLOOR_FACTOR,
+    Generation,
     compare_greedy,
     compare_logits,
     distribution_test,
+    error_stats,
     kolmogorov_pvalue,
     ks_uniform,
     randomized_pit,
 )
-from pytest_llmopt.runner import Generation
 
-TOL = Tolerance(atol=1e-3, rtol=0.0, tie_atol=1e-2, tie_rtol=0.0)
 VOCAB = 8
+FACTOR = FLOOR_FACTOR["bfloat16"]
 
 
 class Chars:
@@ -28,82 +29,141 @@ class Chars:
         return "".join(chr(97 + i) for i in ids)
 
 
-def _generation(tokens: list[int], logits: torch.Tensor | None) -> Generation:
-    prompt = torch.tensor([[0, 1]])
-    return Generation(prompt, torch.cat([prompt, torch.tensor([tokens])], dim=1), logits)
-
-
-def _peaked(tokens: list[int], margin: float = 1.0) -> torch.Tensor:
-    logits = torch.zeros(1, len(tokens), VOCAB)
-    for pos, tok in enumerate(tokens):
-        logits[0, pos, tok] = margin
+def _precise(positions: int = 6, seed: int = 0) -> torch.Tensor:
+    """'Higher-precision' logits whose argmax is token 2 + position % 5 with a clear margin."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(1, positions, 64, generator=g, dtype=torch.float64)  # wide enough for steady statistics
+    for pos in range(positions):
+        logits[0, pos, 2 + pos % 5] += 4.0
     return logits
 
 
-def test_identical_generations_pass():
-    logits = _peaked([2, 3, 4])
-    verdict = compare_greedy(_generation([2, 3, 4], logits), _generation([2, 3, 4], logits.clone()), TOL, Chars())
-    assert verdict.ok and verdict.stats["near_ties"] == 0
+def _noisy(precise: torch.Tensor, sigma: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (precise + sigma * torch.randn(precise.shape, generator=g, dtype=torch.float64)).float()
 
 
-def test_near_tie_divergence_passes_and_later_tokens_may_part():
-    ref_logits = _peaked([2, 3, 4])
-    ref_logits[0, 1, 5] = 1.0 - 0.004  # token 5 nearly ties token 3 at position 1
-    cand_logits = ref_logits.clone()
-    cand_logits[0, 1, 5] = 1.0 + 0.0004  # the other kernel rounds the other way
-    verdict = compare_greedy(_generation([2, 3, 4], ref_logits), _generation([2, 5, 7], cand_logits), TOL, Chars())
-    assert verdict.ok
-    assert verdict.rows[0].divergence == 1 and verdict.stats["near_ties"] == 1
-    assert math.isclose(verdict.stats["min_tie_margin"], 0.004, rel_tol=1e-3)
+def _generation(logits: torch.Tensor, tokens: list[int] | None = None, replay=None) -> Generation:
+    """A greedy generation whose tokens follow its logits (or ``tokens``)."""
+    prompt = torch.tensor([[0, 1]])
+    chosen = torch.tensor([tokens]) if tokens is not None else logits.argmax(-1)
+    return Generation(prompt, torch.cat([prompt, chosen], dim=1), logits, replay=replay)
 
 
-def test_real_divergence_fails_with_position_tokens_and_margins():
-    ref_logits = _peaked([2, 3, 4])
-    cand_logits = _peaked([2, 6, 4])
-    verdict = compare_greedy(
-        _generation([2, 3, 4], ref_logits), _generation([2, 6, 4], cand_logits), TOL, Chars(), label="static/sdpa/fp32@m vs dynamic", reproduce="pytest x"
-    )
+def _greedy(reference: Generation, candidate: Generation, precise: torch.Tensor, forced: Generation | None = None):
+    return compare_greedy(reference, candidate, precise, Chars(), forced=forced, factor=FACTOR, label="cand vs ref", reproduce="pytest x")
+
+
+def test_paths_within_the_noise_floor_pass_and_report_the_floor():
+    precise = _precise()
+    verdict = _greedy(_generation(_noisy(precise, 0.01, 1)), _generation(_noisy(precise, 0.01, 2)), precise)
+    assert verdict.ok, verdict.message
+    assert 0.5 < verdict.ratios["mean_rms"] < FACTOR
+    figures = verdict.figures()
+    assert figures["floor_factor"] == FACTOR and figures["floor_mean_rms"] > 0 and figures["sensitivity"] > 0
+
+
+def test_a_systematic_shift_fails_exactly_beyond_the_reported_sensitivity():
+    precise = _precise(positions=40)
+    reference = _generation(_noisy(precise, 0.01, 1))
+    base = _noisy(precise, 0.01, 2)
+    sensitivity = _greedy(reference, _generation(base), precise).sensitivity
+    direction = torch.randn(base.shape, generator=torch.Generator().manual_seed(9))
+    direction /= direction.pow(2).mean(-1, keepdim=True).sqrt()  # unit RMS at every position
+    assert _greedy(reference, _generation(base + 0.5 * sensitivity * direction), precise).ok
+    failed = _greedy(reference, _generation(base + 2.0 * sensitivity * direction), precise)
+    assert not failed.ok and "logits left the rounding-noise floor of the plain path" in failed.message
+    assert "mean_rms" in failed.message and "reproduce: pytest x" in failed.message
+
+
+def test_an_error_at_one_late_position_fails_on_the_largest_error():
+    precise = _precise()
+    cand = _noisy(precise, 0.01, 2)
+    cand[0, 5, 0] += 0.3  # a late cache slot gone wrong: one position, no token change
+    verdict = _greedy(_generation(_noisy(precise, 0.01, 1)), _generation(cand), precise)
+    assert not verdict.ok and verdict.ratios["max_abs"] > FACTOR
+    assert "new token 5" in verdict.message
+
+
+def _tied(precise: torch.Tensor, pos: int, other: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain and candidate logits for which ``precise`` ties two tokens at ``pos`` and each side's rounding
+    (0.002) puts a different one on top."""
+    top = int(precise[0, pos].argmax())
+    precise[0, pos, other] = precise[0, pos, top]
+    plain, cand = _noisy(precise, 0.01, 1), _noisy(precise, 0.01, 2)
+    for logits, sign in ((plain, 1), (cand, -1)):
+        logits[0, pos, top] = float(precise[0, pos, top]) + sign * 0.002
+        logits[0, pos, other] = float(precise[0, pos, other]) - sign * 0.002
+    return plain, cand
+
+
+def test_a_near_tie_is_replayed_teacher_forced_and_judged_after_it():
+    precise = _precise()
+    plain, cand = _tied(precise, 1)
+    tokens = plain.argmax(-1)[0].tolist()
+    forced_logits = _noisy(precise, 0.01, 3)
+    verdict = _greedy(_generation(plain), _generation(cand), precise, forced=_generation(forced_logits, tokens))
+    assert verdict.ok, verdict.message
+    assert verdict.stats["teacher_forced"] and verdict.stats["near_ties"] == 1
+    forced_logits[0, 4] += 0.5  # a bug that starts after the tie
+    late = _greedy(_generation(plain), _generation(cand), precise, forced=_generation(forced_logits, tokens))
+    assert not late.ok and "teacher-forced on the reference's tokens" in late.message
+
+
+def test_without_a_replay_only_the_positions_up_to_the_divergence_are_judged():
+    precise = _precise()
+    plain, cand = _tied(precise, 1)
+    cand[0, 4] += 0.5  # after the divergence: not judged without teacher forcing
+    verdict = _greedy(_generation(plain), _generation(cand), precise)
+    assert verdict.ok and not verdict.stats["teacher_forced"]
+
+
+def test_a_token_the_logits_do_not_pick_fails_even_when_every_logit_is_right():
+    precise = _precise()
+    logits = _noisy(precise, 0.01, 2)
+    tokens = logits.argmax(-1)[0].tolist()
+    tokens[2] = 0  # committed without verification
+    verdict = _greedy(_generation(_noisy(precise, 0.01, 1)), _generation(logits, tokens), precise)
     assert not verdict.ok
-    text = verdict.message
-    assert "static/sdpa/fp32@m vs dynamic: generations differ beyond a near-tie" in text
-    assert "tokens differ at new token 1 with margin 1 > near-tie tolerance 0.01" in text
-    assert "reference token 'd' (id 3)" in text and "candidate token 'g' (id 6)" in text
-    assert "reproduce: pytest x" in text
+    assert "greedy chose a token its own logits do not pick: prompt 0, new token 2" in verdict.message
 
 
-def test_drift_before_the_divergence_fails_even_when_tokens_agree():
-    ref_logits = _peaked([2, 3, 4])
-    cand_logits = ref_logits.clone()
-    cand_logits[0, 0, 7] = 0.5  # a wrong cache moves logits without flipping the argmax
-    verdict = compare_greedy(_generation([2, 3, 4], ref_logits), _generation([2, 3, 4], cand_logits), TOL, Chars())
-    assert not verdict.ok
-    assert "logits drifted at new token 0 while the tokens still agreed" in verdict.message
+def test_eos_is_not_a_choice_when_checking_the_tokens():
+    precise = _precise()
+    precise[0, 3, 1] = 50.0  # EOS (id 1) tops the logits, but it is suppressed while generating
+    plain, cand = _noisy(precise, 0.01, 1), _noisy(precise, 0.01, 2)
+    masked = plain.clone()
+    masked[..., 1] = float("-inf")
+    tokens = masked.argmax(-1)[0].tolist()
+    verdict = compare_greedy(_generation(plain, tokens), _generation(cand, tokens), precise, Chars(), eos_ids=[1], factor=FACTOR)
+    assert verdict.ok, verdict.message
 
 
-def test_eos_is_ignored_when_judging_a_tie():
-    ref_logits = _peaked([2, 3, 4])
-    ref_logits[0, 1, 1] = 5.0  # EOS (id 1) is suppressed while generating: not a candidate
-    ref_logits[0, 1, 5] = 1.0 - 0.001
-    cand_logits = ref_logits.clone()
-    cand_logits[0, 1, 5] = 1.0 + 0.0001
-    verdict = compare_greedy(_generation([2, 3, 4], ref_logits), _generation([2, 5, 4], cand_logits), TOL, Chars(), eos_ids=[1])
-    assert verdict.ok
-
-
-def test_missing_logits_cannot_excuse_a_divergence():
-    verdict = compare_greedy(_generation([2, 3], None), _generation([2, 4], None), TOL, Chars())
-    assert not verdict.ok and "neither side recorded logits" in verdict.message
+def test_missing_logits_fail():
+    prompt = torch.tensor([[0, 1]])
+    plain = Generation(prompt, torch.tensor([[0, 1, 2, 3]]), None)
+    verdict = compare_greedy(plain, plain, _precise(2), Chars(), factor=FACTOR)
+    assert not verdict.ok and "recorded no logits" in verdict.message
 
 
 def test_compare_logits_ignores_padding_and_fails_on_real_positions():
-    ref = torch.randn(2, 4, VOCAB)
-    cand = ref.clone()
+    g = torch.Generator().manual_seed(0)
+    precise = torch.randn(2, 4, VOCAB, generator=g, dtype=torch.float64)
+    plain, cand = _noisy(precise, 0.01, 1), _noisy(precise, 0.01, 2)
     cand[0, 0] += 10.0  # a padded position: ignored
     mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
-    assert compare_logits(ref, cand, mask, TOL).ok
+    assert compare_logits(plain, cand, precise, mask, factor=FACTOR).ok
     cand[1, 2] += 0.5
-    verdict = compare_logits(ref, cand, mask, TOL, label="x")
-    assert not verdict.ok and verdict.worst == (1, 2) and "row 1, position 2" in verdict.message
+    verdict = compare_logits(plain, cand, precise, mask, factor=FACTOR, label="x")
+    assert not verdict.ok and "row 1, position 2" in verdict.message
+
+
+def test_error_stats_ignore_invalid_positions():
+    precise = torch.zeros(1, 3, 4, dtype=torch.float64)
+    cand = torch.full((1, 3, 4), 0.1)
+    cand[0, 0] = 100.0
+    stats = error_stats(cand, precise, torch.tensor([[False, True, True]]))
+    assert math.isclose(stats.max_abs, 0.1, rel_tol=1e-5) and math.isclose(stats.mean_rms, 0.1, rel_tol=1e-5) and stats.positions == 2
 
 
 def test_kolmogorov_pvalue_matches_known_quantiles():

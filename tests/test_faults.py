@@ -27,7 +27,7 @@ FAULTS = {
         "test_static_cache.py",
         "test_matches_dynamic and static",
         (),
-        ("*generations differ beyond a near-tie*", "*logits drifted at new token 1 while the tokens still agreed*", "*reproduce: pytest*"),
+        ("*logits left the rounding-noise floor of the plain path*", "*mean_rms * vs floor *", "*worst: prompt*new token*", "*reproduce: pytest*"),
     ),
     "cache not reset between calls": Fault(
         faults.reset_keeps_position,
@@ -41,14 +41,21 @@ FAULTS = {
         "test_speculative.py",
         "test_contrarian_draft_is_always_rejected and dynamic",
         (),
-        ("*contrarian draft*generations differ beyond a near-tie*", "*tokens differ at new token 1 with margin*"),
+        ("*contrarian draft*logits left the rounding-noise floor of the plain path*", "*tokens part at new token 1*"),
     ),
     "padding mask dropped": Fault(
         faults.padding_mask_dropped_by_sdpa,
         "test_attention.py",
         "test_logits_match_eager",
         ("--llmopt-variants=attention=sdpa",),
-        ("*dynamic/sdpa/fp32@tiny-llama vs dynamic/eager/fp32 (padded batch): logits differ from the reference beyond tolerance*",),
+        ("*dynamic/sdpa/fp32@tiny-llama vs dynamic/eager/fp32 (padded batch): logits left the rounding-noise floor*",),
+    ),
+    "attention scale off by 2 %": Fault(
+        faults.sdpa_scale_off,
+        "test_attention.py",
+        "test_logits_match_eager or test_single_prompt",
+        ("--llmopt-variants=attention=sdpa",),
+        ("*dynamic/sdpa/fp32@tiny-llama vs dynamic/eager/fp32 (padded batch): logits left the rounding-noise floor*", "*2 failed*"),
     ),
     "a recompile every step": Fault(
         faults.recompile_every_step,

@@ -1,0 +1,165 @@
+"""The higher-precision reference of the noise-floor rule (equivalence.py): the model's own weights in float32
+(float64 when the run dtype is float32), eager attention, one cache-free forward pass over prompt + tokens.
+
+It shares no cache, compile or kernel code with the paths it judges. Where it lives: on the run copy's device
+when it fits there next to it; otherwise on the CPU (slower, same numbers); otherwise nowhere, and the checks
+that need it are not run, with the reason. The copy is kept on the run model object, so it lives and dies
+with it (the model store frees both together).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .equivalence import Generation
+
+PRECISE_DTYPE = {"float32": torch.float64, "float16": torch.float32, "bfloat16": torch.float32}
+ACTIVATION_ROOM = 4 << 30  # bytes kept free beside the copy for its forward pass (eager attention, float32 logits)
+_ATTRIBUTE = "_llmopt_precise"
+
+
+@dataclass
+class Precise:
+    """The copy (or why there is none) and a name for reports, e.g. 'float32 copy on cuda:0'."""
+
+    model: Any | None
+    name: str
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, V] of a cache-free forward pass, in the copy's dtype, on the CPU.
+
+        A padded batch is run one row at a time without its padding (pads' logits stay 0): each prompt alone,
+        at the positions the batch gave it, so the reference shares no padding-mask code with the path it
+        judges (and float64 eager attention, whose mask overflows on fully padded rows, is never asked for one).
+        """
+        assert self.model is not None
+        if attention_mask is None or bool(attention_mask.all()):
+            return self._forward(input_ids, position_ids)
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+        real = attention_mask.bool().cpu()
+        out: torch.Tensor | None = None
+        for row in range(input_ids.shape[0]):
+            keep = real[row]
+            logits = self._forward(input_ids[row : row + 1, keep.to(input_ids.device)], position_ids[row : row + 1, keep.to(position_ids.device)])
+            if out is None:
+                out = torch.zeros(*input_ids.shape, logits.shape[-1], dtype=logits.dtype)
+            out[row, keep] = logits[0]
+        assert out is not None
+        return out
+
+    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
+        assert self.model is not None
+        device = next(self.model.parameters()).device
+        kwargs: dict[str, Any] = {"input_ids": input_ids.to(device), "use_cache": False}
+        if position_ids is not None and "position_ids" in _forward_params(self.model):
+            kwargs["position_ids"] = position_ids.to(device)
+        with torch.no_grad():
+            return self.model(**kwargs).logits.cpu()
+
+    def generation_logits(self, generation: Generation) -> torch.Tensor:
+        """The next-token logits at each generated position of ``generation`` [B, N, V], by teacher forcing:
+        one forward over prompt + generated tokens, with the positions generate() gives a left-padded batch."""
+        prompt_len, new = generation.prompt_ids.shape[1], generation.new_tokens.shape[1]
+        mask = generation.attention_mask
+        if mask is None:
+            mask = torch.ones_like(generation.prompt_ids)
+        full_mask = torch.cat([mask, torch.ones(mask.shape[0], new, dtype=mask.dtype)], dim=1)
+        positions = (full_mask.long().cumsum(-1) - 1).masked_fill(full_mask == 0, 1)
+        logits = self.logits(generation.sequences, full_mask, positions)
+        return logits[:, prompt_len - 1 : prompt_len + new - 1]
+
+
+def _forward_params(model: Any) -> frozenset[str]:
+    import inspect
+
+    return frozenset(inspect.signature(type(model).forward).parameters)
+
+
+def precise_for(model: Any, run_dtype: str) -> Precise:
+    """The higher-precision copy of ``model`` (made once, then kept on it)."""
+    cached = model.__dict__.get(_ATTRIBUTE)
+    if cached is None:
+        cached = _make(model, PRECISE_DTYPE[run_dtype])
+        model.__dict__[_ATTRIBUTE] = cached
+    return cached
+
+
+def _make(model: Any, dtype: torch.dtype) -> Precise:
+    if getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_quantized", False):
+        return Precise(None, "none: a quantized model has no higher-precision copy of the same weights")
+    device = next(model.parameters()).device
+    need = sum(p.numel() for p in model.parameters()) * torch.finfo(dtype).bits // 8
+    short = str(dtype).removeprefix("torch.")
+    for where in _places(device, need):
+        try:
+            copy = _copy(model, dtype, where)
+        except torch.cuda.OutOfMemoryError:
+            _release()
+            continue
+        return Precise(copy, f"{short} copy on {where}")
+    return Precise(None, f"none: a {short} copy ({need / 2**30:.1f} GiB) fits neither on {device} nor in the CPU's free memory")
+
+
+def _places(device: torch.device, need: int) -> Iterator[torch.device]:
+    """The run copy's device if the copy fits there with room for its activations, then the CPU if it fits."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if need + ACTIVATION_ROOM < free:
+            yield device
+    elif device.type == "cpu":
+        if need + ACTIVATION_ROOM // 4 < _cpu_free():
+            yield device
+        return
+    if need + ACTIVATION_ROOM < _cpu_free():
+        yield torch.device("cpu")
+
+
+def _cpu_free() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def _copy(model: Any, dtype: torch.dtype, device: torch.device) -> Any:
+    """The same architecture built empty on ``device`` in ``dtype`` with eager attention, then the run copy's
+    weights loaded into it (upcast on the way): no second run-dtype copy is ever made."""
+    from . import compat
+
+    with _no_init(), torch.device(device):
+        copy = compat.from_config(model.config, dtype, "eager")
+    copy.load_state_dict(model.state_dict(), strict=True)
+    if hasattr(copy, "tie_weights"):
+        copy.tie_weights()
+    compat.set_attention(copy, "eager")
+    return copy.eval()
+
+
+@contextlib.contextmanager
+def _no_init() -> Iterator[None]:
+    """Skip random initialisation (the weights are overwritten): minutes saved on a 7B model."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        try:
+            from transformers.modeling_utils import no_init_weights
+        except ImportError:
+            yield
+            return
+    with no_init_weights():
+        yield
+
+
+def _release() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
