@@ -3,6 +3,7 @@
   llmopt compare BASE.json CANDIDATE.json   diff of every check and figure, regressions first;
                                             exit 1 on any regression beyond tolerance, 0 otherwise
   llmopt report RUN.json [RUN.json ...] -o compat.md|.html|.json   one matrix from several runs
+  llmopt run [PYTEST ARGS ...]              the installed suites: pytest --pyargs pytest_llmopt.suites ARGS
 
 Exit status 2 means the command itself could not run (a missing or malformed report, a bad option).
 """
@@ -139,7 +140,21 @@ def render_changes(changes: list[Change], unchanged: int, base_env: dict[str, An
     return "\n".join(lines) + "\n"
 
 
+SUITES_PACKAGE = "pytest_llmopt.suites"
+
+
+def run(pytest_args: Sequence[str]) -> int:
+    """``llmopt run ARGS``: pytest on the suites installed with the package, from any directory
+    (``python_files`` pinned, so that a project's own ini cannot hide them)."""
+    import pytest
+
+    return int(pytest.main(["--pyargs", SUITES_PACKAGE, "-o", "python_files=test_*.py", *pytest_args]))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["run"]:  # everything after `run` belongs to pytest, unparsed
+        return run(args_list[1:])
     parser = argparse.ArgumentParser(prog="llmopt", description="pytest-llmopt reports: the upgrade gate and merged compatibility reports")
     sub = parser.add_subparsers(dest="command", required=True)
     cmp_parser = sub.add_parser("compare", help="diff two JSON reports; exit 1 on a regression")
@@ -147,10 +162,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmp_parser.add_argument("candidate", type=Path, help="report of the candidate stack")
     cmp_parser.add_argument("--relative", type=float, default=DEFAULT_RELATIVE, help="allowed relative loss of speed or growth of memory (default 0.05)")
     cmp_parser.add_argument("-o", "--output", type=Path, help="also write the diff (Markdown) to this file, e.g. $GITHUB_STEP_SUMMARY")
+    sub.add_parser("run", help="run the installed suites: pytest --pyargs pytest_llmopt.suites [PYTEST ARGS]", add_help=False)
     rep_parser = sub.add_parser("report", help="merge JSON reports into one matrix")
     rep_parser.add_argument("runs", type=Path, nargs="+", help="JSON reports written with --llmopt-report")
     rep_parser.add_argument("-o", "--output", type=Path, required=True, help="compat.md, compat.html or compat.json")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(args_list)
     try:
         if args.command == "compare":
             return _compare(args)

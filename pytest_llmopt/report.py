@@ -19,9 +19,10 @@ import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pytest
+if TYPE_CHECKING:  # `llmopt compare` runs without pytest installed (the tox gate env)
+    import pytest
 
 PROPERTY = "llmopt"
 SCHEMA = 1
