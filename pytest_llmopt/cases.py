@@ -22,11 +22,9 @@ import pytest
 
 from . import variants as V
 from .models import ModelSpec
+from .outcomes import UNSUPPORTED_BY_MODEL
 from .session import LlmoptSession
 
-UNSUPPORTED_BY_MODEL = "unsupported by the model"
-UNSUPPORTED_BY_STACK = "unsupported by transformers"
-MARKER = "llmopt"
 
 
 @dataclass(frozen=True)
@@ -44,16 +42,21 @@ class CaseParam:
 
 def variants_of(marker: pytest.Mark, dtype: str) -> tuple[list[V.Variant], dict[str, str]]:
     """The marker's variants, and the axis overrides that turn a variant into its reference."""
+    from . import known_issues
+
     axes = {k: v for k, v in marker.kwargs.items() if k in V.AXES}
-    unknown = set(marker.kwargs) - set(V.AXES) - {"reference"}
+    unknown = set(marker.kwargs) - set(V.AXES) - {"reference", "known_issues"}
     if unknown:
-        raise pytest.UsageError(f"@pytest.mark.llmopt: unknown argument(s) {sorted(unknown)}; axes: {list(V.AXES)}, reference")
+        raise pytest.UsageError(f"@pytest.mark.llmopt: unknown argument(s) {sorted(unknown)}; axes: {list(V.AXES)}, reference, known_issues")
+    missing = known_issues.unknown(marker.kwargs.get("known_issues", ()))
+    if missing:
+        raise pytest.UsageError(f"@pytest.mark.llmopt: known_issues={missing} not in pytest_llmopt.known_issues.KNOWN_ISSUES")
     return V.matrix(dtype=dtype, **axes), dict(marker.kwargs.get("reference") or {})
 
 
-def params_for(session: LlmoptSession, marker: pytest.Mark, test_name: str) -> list[Any]:
+def params_for(session: LlmoptSession, marker: pytest.Mark) -> list[Any]:
     """pytest.param objects for every (model, variant), with their markers and skip reasons."""
-    from . import compat, models
+    from . import compat, known_issues, models
 
     machine = session.machine
     found, overrides = variants_of(marker, machine.dtype)
@@ -70,9 +73,9 @@ def params_for(session: LlmoptSession, marker: pytest.Mark, test_name: str) -> l
             reason = reason or compat.missing_feature(variant.compile, variant.cache, machine.device_type)
             if reason:
                 marks.append(pytest.mark.skip(reason=reason))
-            issue = compat.known_issue(test_name, variant.cache, variant.attention, machine.device_type)
+            issue = known_issues.known_issue(marker.kwargs.get("known_issues", ()), variant.cache, variant.attention, machine.device_type)
             if issue and not reason:
-                marks.append(pytest.mark.xfail(reason=issue.reason, raises=compat.exception_class(issue.raises), strict=False))
+                marks.append(pytest.mark.xfail(reason=issue.reason, raises=known_issues.exception_class(issue.raises), strict=False))
             out.append(pytest.param(param, id=param.id, marks=marks))
     return out
 

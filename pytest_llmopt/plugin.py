@@ -116,7 +116,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         raise pytest.UsageError(f"{metafunc.definition.nodeid}: a test using llmopt_case needs @pytest.mark.llmopt(...)")
     from .cases import params_for
 
-    metafunc.parametrize("llmopt_case", params_for(session_of(metafunc.config), marker, metafunc.function.__name__), indirect=True)
+    metafunc.parametrize("llmopt_case", params_for(session_of(metafunc.config), marker), indirect=True)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

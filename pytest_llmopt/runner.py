@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 
-from . import compat
+from . import compat, outcomes
 from .machine import Machine
 from .models import Loaded, ModelSpec, ModelStore
 from .variants import Variant
@@ -80,7 +80,7 @@ class Runner:
             try:
                 yield
             except (ValueError, RuntimeError) as exc:
-                reason = compat.refusal(exc, self.variant.sdpa_backend)
+                reason = outcomes.refusal(exc, self.variant.sdpa_backend)
                 if reason is None:
                     raise
                 said = [str(w.message).split(" (Triggered internally")[0] for w in seen if "kernel" in str(w.message) or "support" in str(w.message)]

@@ -12,7 +12,8 @@ from __future__ import annotations
 import pytest
 
 from pytest_llmopt import assistants, zoo
-from pytest_llmopt.compat import early_exit_unsupported, layers_restored, track_drafts
+from pytest_llmopt.compat import early_exit_unsupported, layers_restored
+from pytest_llmopt.instrumentation import track_drafts
 
 SAMPLES, SAMPLE_TOKENS = 200, 8
 
@@ -63,7 +64,7 @@ def test_contrarian_draft_is_always_rejected(llmopt_case):
     )
 
 
-@pytest.mark.llmopt(reference={})
+@pytest.mark.llmopt(reference={}, known_issues=["early-exit-drops-is-first-iteration"])
 def test_early_exit_self_speculation(llmopt_case):
     """assistant_early_exit (the first half of the layers drafts): output equals plain greedy."""
     case = llmopt_case
@@ -91,7 +92,7 @@ def test_user_assistant(llmopt_case):
     _greedy_with(case, target, f"assistant {spec.name}", **_assistant_kwargs(target, draft))
 
 
-@pytest.mark.llmopt(reference={})
+@pytest.mark.llmopt(reference={}, known_issues=["universal-draft-gets-target-inputs"])
 def test_universal_assisted_decoding(llmopt_case):
     """A draft with another tokenizer (universal assisted decoding re-tokenizes between the two):
     output equals plain greedy."""
