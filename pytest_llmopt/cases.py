@@ -16,14 +16,17 @@ import contextlib
 import shlex
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from . import variants as V
 from .models import ModelSpec
-from .outcomes import UNSUPPORTED_BY_MODEL
+from .outcomes import UNSUPPORTED_BY_MODEL, Status
 from .session import LlmoptSession
+
+if TYPE_CHECKING:
+    from .machine import Machine
 
 
 
@@ -34,6 +37,7 @@ class CaseParam:
     spec: ModelSpec
     variant: V.Variant
     reference: V.Variant
+    skipped_as: Status | None = None  # skipped at collection: not run here, or unsupported
 
     @property
     def id(self) -> str:
@@ -56,7 +60,7 @@ def variants_of(marker: pytest.Mark, dtype: str) -> tuple[list[V.Variant], dict[
 
 def params_for(session: LlmoptSession, marker: pytest.Mark) -> list[Any]:
     """pytest.param objects for every (model, variant), with their markers and skip reasons."""
-    from . import compat, known_issues, models
+    from . import compat, known_issues, models, outcomes
 
     machine = session.machine
     found, overrides = variants_of(marker, machine.dtype)
@@ -67,29 +71,31 @@ def params_for(session: LlmoptSession, marker: pytest.Mark) -> list[Any]:
             if "attention" not in marker.kwargs and not info.capabilities.get("sdpa", True):
                 variant = replace(variant, attention="eager")  # the model's own default, as from_pretrained picks it
             reference = replace(variant, **overrides)
-            param = CaseParam(spec, variant, reference)
             marks: list[Any] = [getattr(pytest.mark, name) for name in variant.markers()]
-            reason = skip_reason(variant, machine, info.capabilities, info.class_name)
-            reason = reason or compat.missing_feature(variant.compile, variant.cache, machine.device_type)
-            if reason:
-                marks.append(pytest.mark.skip(reason=reason))
+            skip = skip_reason(variant, machine, info.capabilities, info.class_name)
+            missing = compat.missing_feature(variant.compile, variant.cache, machine.device_type)
+            skip = skip or ((Status.UNSUPPORTED, missing) if missing else None)
+            if skip:
+                marks.append(pytest.mark.skip(reason=skip[1]))
+            param = CaseParam(spec, variant, reference, skip[0] if skip else None)
             issue = known_issues.known_issue(marker.kwargs.get("known_issues", ()), variant.cache, variant.attention, machine.device_type)
-            if issue and not reason:
-                marks.append(pytest.mark.xfail(reason=issue.reason, raises=known_issues.exception_class(issue.raises), strict=False))
+            if issue and not skip:
+                marks.append(outcomes.known_issue(issue.reason, known_issues.exception_class(issue.raises)))
             out.append(pytest.param(param, id=param.id, marks=marks))
     return out
 
 
-def skip_reason(variant: V.Variant, machine: Any, capabilities: dict[str, bool], class_name: str) -> str | None:
-    """Why a variant cannot run here: the machine first (what the user can change), then the model."""
+def skip_reason(variant: V.Variant, machine: Machine, capabilities: dict[str, bool], class_name: str) -> tuple[Status, str] | None:
+    """Why a variant cannot run here: the machine first (not run: what the user can change), then the
+    model (unsupported)."""
     for need in variant.machine_requirements():
         if not machine.has(need.key):
-            return need.how
+            return Status.NOT_RUN, need.how
     from .compat import CAPABILITY_ATTRIBUTE
 
     for capability in variant.model_requirements():
         if not capabilities.get(capability, True):
-            return f"{UNSUPPORTED_BY_MODEL}: {class_name} does not declare {CAPABILITY_ATTRIBUTE[capability]}"
+            return Status.UNSUPPORTED, f"{UNSUPPORTED_BY_MODEL}: {class_name} does not declare {CAPABILITY_ATTRIBUTE[capability]}"
     return None
 
 
@@ -102,7 +108,7 @@ def label_items(items: Iterable[pytest.Item]) -> None:
         param = callspec.params.get("llmopt_case") if callspec else None
         if isinstance(param, CaseParam):
             extra = "-".join(str(v) for k, v in callspec.params.items() if k != "llmopt_case") or None
-            describe_item(item, param.spec.name, param.variant.id, extra)
+            describe_item(item, param.spec.name, param.variant.id, extra, param.skipped_as)
 
 
 def deselect(items: Iterable[pytest.Item], selection: V.Selection) -> tuple[list[pytest.Item], list[pytest.Item]]:
@@ -155,7 +161,7 @@ class Case:
         Loading errors fail the test with the loader's one-line message; a composite model whose
         parts do not all declare what the variant needs is skipped as unsupported.
         """
-        from . import compat
+        from . import compat, outcomes
         from .models import LoadError
         from .runner import Runner
 
@@ -176,7 +182,7 @@ class Case:
         caps = compat.model_capabilities(model)
         for capability in runner.variant.model_requirements():
             if not caps[capability]:
-                pytest.skip(f"{UNSUPPORTED_BY_MODEL}: a part of {type(model).__name__} does not declare {compat.CAPABILITY_ATTRIBUTE[capability]}")
+                outcomes.unsupported(f"{UNSUPPORTED_BY_MODEL}: a part of {type(model).__name__} does not declare {compat.CAPABILITY_ATTRIBUTE[capability]}")
         return runner
 
     @property

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .report import Result, ReportError, load, write
+from .outcomes import GOOD, Status
+from .report import ReportError, Result, load, write
 
 # Figures judged by the gate: +1 when higher is better, -1 when lower is better.
 DIRECTION = {
@@ -36,7 +37,6 @@ DIRECTION = {
 # How far a figure may move the wrong way before it is a regression: relative, or absolute for rates/counts.
 DEFAULT_RELATIVE = 0.05
 ABSOLUTE = {"acceptance_rate": 0.02, "recompiles": 0.0, "compiles_warmup": 0.0, "roofline_pct": 5.0}
-GOOD = ("passed", "known-issue-passed")
 
 
 @dataclass
@@ -78,16 +78,16 @@ def compare(base: list[Result], candidate: list[Result], relative: float = DEFAU
 def _status(r: Result | None) -> str:
     if r is None:
         return "absent"
-    return r.status + (f": {r.reason}" if r.reason and r.status != "passed" else "")
+    return r.status.value + (f": {r.reason}" if r.reason and r.status != Status.PASSED else "")
 
 
 def _status_change(key: str, a: Result, b: Result) -> list[Change]:
     if a.status == b.status:
         return []
-    if "skipped" in (a.status, b.status):
+    if Status.NOT_RUN in (a.status, b.status):
         return [Change("change", key, "status", _status(a), _status(b), "not run in one of the runs: not comparable")]
-    if b.status == "failed" or (a.status in GOOD and b.status not in GOOD):
-        note = {"failed": "new failure", "unsupported": "support lost", "known-issue": "now a known issue"}.get(b.status, "worse")
+    if b.status == Status.FAILED or (a.status in GOOD and b.status not in GOOD):
+        note = {Status.FAILED: "new failure", Status.UNSUPPORTED: "support lost", Status.KNOWN_ISSUE: "now a known issue"}.get(b.status, "worse")
         return [Change("regression", key, "status", _status(a), _status(b), note)]
     if b.status in GOOD:
         return [Change("improvement", key, "status", _status(a), _status(b), "now passes")]

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from . import outcomes
 from . import settings as settings_module
 from .settings import Settings
 
@@ -172,6 +173,16 @@ class ResultsPlugin:
         from .report import environment, write
 
         write(path, self.collector.sorted(), [environment(session_of(self.config))])
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """The status an outcomes helper (unsupported, not_run, inconclusive) gave, beside the report."""
+    report = yield
+    status = outcomes.status_of_exception(call.excinfo.value if call.excinfo else None)
+    if status is not None:
+        report.user_properties.append((outcomes.PROPERTY, status.value))
+    return report
 
 
 @pytest.hookimpl(wrapper=True)

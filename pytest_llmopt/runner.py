@@ -84,7 +84,7 @@ class Runner:
                 if reason is None:
                     raise
                 said = [str(w.message).split(" (Triggered internally")[0] for w in seen if "kernel" in str(w.message) or "support" in str(w.message)]
-                pytest.skip(reason + (f"; torch says: {'; '.join(dict.fromkeys(said))}" if said else ""))
+                outcomes.unsupported(reason + (f"; torch says: {'; '.join(dict.fromkeys(said))}" if said else ""))
         for w in seen:  # not a refusal: hand the warnings on as pytest would have seen them
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_llmopt import assistants, zoo
+from pytest_llmopt import assistants, outcomes, zoo
 from pytest_llmopt.compat import early_exit_unsupported, layers_restored
 from pytest_llmopt.instrumentation import track_drafts
 
@@ -71,10 +71,10 @@ def test_early_exit_self_speculation(llmopt_case):
     target = case.target
     reason = early_exit_unsupported(target.model)
     if reason:
-        pytest.skip(reason)
+        outcomes.unsupported(reason)
     layers = getattr(target.model.config.get_text_config(), "num_hidden_layers", None)
     if not layers or layers < 2:
-        pytest.skip(f"unsupported by the model: {layers} layer(s), nothing to exit early from")
+        outcomes.unsupported(f"unsupported by the model: {layers} layer(s), nothing to exit early from")
     with layers_restored(target.model):
         _greedy_with(case, target, f"early exit after {layers // 2} layers", assistant_early_exit=layers // 2)
 
@@ -86,7 +86,7 @@ def test_user_assistant(llmopt_case):
     case = llmopt_case
     spec = case.session.assistant
     if spec is None:
-        pytest.skip("no assistant given: pass --llmopt-assistant=MODEL to check your draft model")
+        outcomes.not_run("no assistant given: pass --llmopt-assistant=MODEL to check your draft model")
     target = case.target
     draft = case.runner(spec=spec)
     _greedy_with(case, target, f"assistant {spec.name}", **_assistant_kwargs(target, draft))
@@ -134,4 +134,4 @@ def _other_tokenizer_builtin(case, target):
         spec = ModelSpec(name, "builtin")
         if not _same_vocabulary(target.tokenizer, case.session.store.tokenizer(spec)):
             return spec
-    pytest.skip("no built-in model with another tokenizer than the target's")
+    outcomes.not_run("no built-in model with another tokenizer than the target's")

@@ -10,6 +10,9 @@ import pytest
 
 from conftest import shared_model
 
+from pytest_llmopt.outcomes import Status
+from pytest_llmopt.report import load
+
 SUITE = """
 import pytest
 
@@ -81,9 +84,16 @@ def test_requirement_markers_are_applied(suite: pytest.Pytester) -> None:
 
 
 def test_model_without_capability_is_unsupported_not_failed(suite: pytest.Pytester) -> None:
-    result = suite.runpytest("-rs", "--llmopt-model=tiny-gptneo", "-k", "test_compile or test_cache")
+    result = suite.runpytest("-rs", "--llmopt-model=tiny-gptneo", "-k", "test_compile or test_cache", "--llmopt-report=r.json")
     result.stdout.fnmatch_lines(["*unsupported by the model: GPTNeoForCausalLM does not declare _can_compile_fullgraph*"])
     result.assert_outcomes(passed=1, skipped=3)
+    statuses = {(r.check, r.variant): r.status for r in load(suite.path / "r.json")[0]}
+    assert statuses == {
+        ("test_cache", "dynamic/eager/fp32"): Status.PASSED,
+        ("test_cache", "static/eager/fp32"): Status.UNSUPPORTED,
+        ("test_compile", "static+compile/eager/fp32"): Status.UNSUPPORTED,
+        ("test_compile", "static+compile:reduce-overhead/eager/fp32"): Status.NOT_RUN,  # needs CUDA, checked first
+    }
 
 
 def test_variant_selection_deselects(suite: pytest.Pytester) -> None:
