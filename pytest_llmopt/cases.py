@@ -27,6 +27,8 @@ from .session import LlmoptSession
 
 if TYPE_CHECKING:
     from .machine import Machine
+    from .prompts import Prompt
+    from .runner import Runner
 
 
 
@@ -71,7 +73,7 @@ def params_for(session: LlmoptSession, marker: pytest.Mark) -> list[Any]:
             if "attention" not in marker.kwargs and not info.capabilities.get("sdpa", True):
                 variant = replace(variant, attention="eager")  # the model's own default, as from_pretrained picks it
             reference = replace(variant, **overrides)
-            marks: list[Any] = [getattr(pytest.mark, name) for name in variant.markers()]
+            marks: list[pytest.MarkDecorator] = [getattr(pytest.mark, name) for name in variant.markers()]
             skip = skip_reason(variant, machine, info.capabilities, info.class_name)
             missing = compat.missing_feature(variant.compile, variant.cache, machine.device_type)
             skip = skip or ((Status.UNSUPPORTED, missing) if missing else None)
@@ -144,8 +146,32 @@ class Case:
         return self.session.settings.new_tokens
 
     @property
-    def prompts(self) -> Any:
+    def prompts(self) -> tuple[Prompt, ...]:
         return self.session.prompts
+
+    @property
+    def assistant(self) -> ModelSpec | None:
+        """The session's --llmopt-assistant, or None."""
+        return self.session.assistant
+
+    @property
+    def device_type(self) -> str:
+        """"cpu" or "cuda"."""
+        return self.session.machine.device_type
+
+    @property
+    def dtype(self) -> str:
+        """The session's dtype: "float32", "float16" or "bfloat16"."""
+        return self.session.machine.dtype
+
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence this case's model takes (from its config), None when it does not say."""
+        return self.session.store.describe(self.spec).max_positions
+
+    def tokenizer(self, spec: ModelSpec | None = None) -> Any:
+        """The tokenizer of ``spec`` (default: this case's model), without loading its weights."""
+        return self.session.store.tokenizer(spec or self.spec)
 
     @property
     def seed(self) -> int:
@@ -155,7 +181,7 @@ class Case:
     def label(self) -> str:
         return f"{self.param.id} vs {self.param.reference.id}"
 
-    def runner(self, variant: V.Variant | None = None, spec: ModelSpec | None = None) -> Any:
+    def runner(self, variant: V.Variant | None = None, spec: ModelSpec | None = None) -> Runner:
         """A Runner for ``variant`` (default: this case's) of ``spec`` (default: this case's model).
 
         Loading errors fail the test with the loader's one-line message; a composite model whose
@@ -186,11 +212,11 @@ class Case:
         return runner
 
     @property
-    def target(self) -> Any:
+    def target(self) -> Runner:
         return self.runner()
 
     @property
-    def reference(self) -> Any:
+    def reference(self) -> Runner:
         return self.runner(self.param.reference)
 
     def tolerance(self, path: str = "cache") -> Any:
@@ -244,7 +270,7 @@ class Case:
             pytest.fail(verdict.message, pytrace=False)
         return verdict
 
-    def check_distribution(self, runner: Any, text: str, samples: int, new_tokens: int, what: str = "", **extra: Any) -> Any:
+    def check_distribution(self, runner: Runner, text: str, samples: int, new_tokens: int, what: str = "", **extra: Any) -> Any:
         """Fail unless sampled continuations of ``text`` on ``runner`` (with ``extra`` generate arguments,
         e.g. an assistant) follow the plain model's distribution (equivalence.distribution_test)."""
         from .equivalence import distribution_test

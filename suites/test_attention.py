@@ -66,8 +66,8 @@ def test_long_prompt_matches_eager(llmopt_case):
     """A long prompt next to a shorter one (so, padded): logits and generation match eager's."""
     case = llmopt_case
     reference, target = case.reference, case.target
-    limit = case.session.store.describe(case.spec).max_positions or 4096
-    length = min(LONG_TOKENS[case.session.machine.device_type], limit - case.new_tokens - 8)
+    limit = case.max_positions or 4096
+    length = min(LONG_TOKENS[case.device_type], limit - case.new_tokens - 8)
     text = long_prompt(target.tokenizer, length)
     ids, mask = target.encode([text, long_prompt(target.tokenizer, length // 2)])
     case.check_logits(reference.forward_logits(ids, mask), target.forward_logits(ids, mask), mask.cpu(), what=f"prompt of {ids.shape[1]} tokens")

@@ -45,7 +45,7 @@ def test_self_draft_is_always_accepted(llmopt_case):
     # A self-draft is rejected only on a near-tie between the one-token draft kernel and the multi-token
     # verification kernel: never seen in float32; 8.6 % of drafts on the H100 in bfloat16 with the flat
     # logits of a random 1B model. A broken verification accepts about none.
-    floor = 0.9 if case.session.machine.dtype == "float32" else 0.5
+    floor = 0.9 if case.dtype == "float32" else 0.5
     assert drafts.acceptance_rate >= floor, (
         f"{case.label}: the model drafting for itself had only {drafts.accepted}/{drafts.proposed} drafts accepted "
         f"({drafts.acceptance_rate:.0%}, expected at least {floor:.0%}); verification disagrees with the draft's own greedy choice"
@@ -84,7 +84,7 @@ def test_user_assistant(llmopt_case):
     """Your --llmopt-assistant drafting for each model: output equals plain greedy (universal assisted
     decoding when the tokenizers differ)."""
     case = llmopt_case
-    spec = case.session.assistant
+    spec = case.assistant
     if spec is None:
         outcomes.not_run("no assistant given: pass --llmopt-assistant=MODEL to check your draft model")
     target = case.target
@@ -98,7 +98,7 @@ def test_universal_assisted_decoding(llmopt_case):
     output equals plain greedy."""
     case = llmopt_case
     target = case.target
-    spec = case.session.assistant
+    spec = case.assistant
     if spec is None or _same_vocabulary(target.tokenizer, case.runner(spec=spec).tokenizer):
         spec = _other_tokenizer_builtin(case, target)
     draft = case.runner(spec=spec)
@@ -132,6 +132,6 @@ def _other_tokenizer_builtin(case, target):
 
     for name in (zoo.DEFAULT_ASSISTANT_OTHER_TOKENIZER, zoo.DEFAULT_MODEL):
         spec = ModelSpec(name, "builtin")
-        if not _same_vocabulary(target.tokenizer, case.session.store.tokenizer(spec)):
+        if not _same_vocabulary(target.tokenizer, case.tokenizer(spec)):
             return spec
     outcomes.not_run("no built-in model with another tokenizer than the target's")
