@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from .outcomes import GOOD, Status
-from .report import ReportError, Result, load, write
+from .render import write
+from .report import ReportError, Result, load
 
 # Figures judged by the gate: +1 when higher is better, -1 when lower is better.
 DIRECTION = {

@@ -170,7 +170,8 @@ class ResultsPlugin:
         path = self.config.stash[SETTINGS_KEY].report
         if path is None:
             return
-        from .report import environment, write
+        from .render import write
+        from .report import environment
 
         write(path, self.collector.sorted(), [environment(session_of(self.config))])
 

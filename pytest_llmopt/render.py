@@ -1,17 +1,20 @@
 """The compatibility report as a person reads it: a model x optimization matrix, then what failed, what
 is unsupported and why, and the measured figures. Markdown (a PR comment, a CI step summary) and a
-self-contained HTML page (colored matrix; click a cell to see its checks)."""
+self-contained HTML page (colored matrix; click a cell to see its checks). ``write`` writes a report
+file in any of the three formats (JSON from report.to_document)."""
 
 from __future__ import annotations
 
 import html as html_lib
+import json
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .outcomes import Status
-from .report import Result
+from .report import ReportError, Result, to_document
 
 SUITE_NAMES = {
     "static_cache": "static cache",
@@ -278,3 +281,21 @@ def html(results: list[Result], envs: list[dict[str, Any]]) -> str:
         )
     out.append(f"</tbody></table><script>{SCRIPT}</script></body></html>")
     return "\n".join(out)
+
+
+def write(path: Path, results: list[Result], envs: list[dict[str, Any]]) -> None:
+    """Write ``results`` as JSON, Markdown or HTML, by the file's extension."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        env = envs[0] if len(envs) == 1 else {"merged": envs}
+        text = json.dumps(to_document(results, env), indent=1, sort_keys=False) + "\n"
+    elif suffix == ".md":
+        text = markdown(results, envs)
+    elif suffix == ".html":
+        text = html(results, envs)
+    else:
+        raise ReportError(f"{path}: the extension must be .json, .md or .html")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)

@@ -206,23 +206,3 @@ def load(path: Path) -> tuple[list[Result], dict[str, Any]]:
             raise ReportError(f"{path}: result {number} has an unknown status {item['status']!r} (known: {', '.join(s.value for s in Status)})")
         results.append(Result(**{**{k: v for k, v in item.items() if k in fields}, "status": status}))
     return results, doc.get("environment", {})
-
-
-def write(path: Path, results: list[Result], envs: list[dict[str, Any]]) -> None:
-    """Write ``results`` as JSON, Markdown or HTML, by the file's extension."""
-    from . import render
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = path.suffix.lower()
-    if suffix == ".json":
-        env = envs[0] if len(envs) == 1 else {"merged": envs}
-        text = json.dumps(to_document(results, env), indent=1, sort_keys=False) + "\n"
-    elif suffix == ".md":
-        text = render.markdown(results, envs)
-    elif suffix == ".html":
-        text = render.html(results, envs)
-    else:
-        raise ReportError(f"{path}: the extension must be .json, .md or .html")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
