@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from . import variants as V
+from . import variants
 from .models import ModelSpec
 from .outcomes import UNSUPPORTED_BY_MODEL, Status
 from .session import LlmoptSession
@@ -37,8 +37,8 @@ class CaseParam:
     """The collected parameter of one test: which model, which variant, compared to what."""
 
     spec: ModelSpec
-    variant: V.Variant
-    reference: V.Variant
+    variant: variants.Variant
+    reference: variants.Variant
     skipped_as: Status | None = None  # skipped at collection: not run here, or unsupported
 
     @property
@@ -46,18 +46,18 @@ class CaseParam:
         return f"{self.variant.id}@{self.spec.name}"
 
 
-def variants_of(marker: pytest.Mark, dtype: str) -> tuple[list[V.Variant], dict[str, str]]:
+def variants_of(marker: pytest.Mark, dtype: str) -> tuple[list[variants.Variant], dict[str, str]]:
     """The marker's variants, and the axis overrides that turn a variant into its reference."""
     from . import known_issues
 
-    axes = {k: v for k, v in marker.kwargs.items() if k in V.AXES}
-    unknown = set(marker.kwargs) - set(V.AXES) - {"reference", "known_issues"}
+    axes = {k: v for k, v in marker.kwargs.items() if k in variants.AXES}
+    unknown = set(marker.kwargs) - set(variants.AXES) - {"reference", "known_issues"}
     if unknown:
-        raise pytest.UsageError(f"@pytest.mark.llmopt: unknown argument(s) {sorted(unknown)}; axes: {list(V.AXES)}, reference, known_issues")
+        raise pytest.UsageError(f"@pytest.mark.llmopt: unknown argument(s) {sorted(unknown)}; axes: {list(variants.AXES)}, reference, known_issues")
     missing = known_issues.unknown(marker.kwargs.get("known_issues", ()))
     if missing:
         raise pytest.UsageError(f"@pytest.mark.llmopt: known_issues={missing} not in pytest_llmopt.known_issues.KNOWN_ISSUES")
-    return V.matrix(dtype=dtype, **axes), dict(marker.kwargs.get("reference") or {})
+    return variants.matrix(dtype=dtype, **axes), dict(marker.kwargs.get("reference") or {})
 
 
 def params_for(session: LlmoptSession, marker: pytest.Mark) -> list[Any]:
@@ -87,7 +87,7 @@ def params_for(session: LlmoptSession, marker: pytest.Mark) -> list[Any]:
     return out
 
 
-def skip_reason(variant: V.Variant, machine: Machine, capabilities: dict[str, bool], class_name: str) -> tuple[Status, str] | None:
+def skip_reason(variant: variants.Variant, machine: Machine, capabilities: dict[str, bool], class_name: str) -> tuple[Status, str] | None:
     """Why a variant cannot run here: the machine first (not run: what the user can change), then the
     model (unsupported)."""
     for need in variant.machine_requirements():
@@ -108,14 +108,15 @@ def label_items(items: Iterable[pytest.Item]) -> None:
     for item in items:
         callspec = getattr(item, "callspec", None)
         param = callspec.params.get("llmopt_case") if callspec else None
-        if isinstance(param, CaseParam):
+        if callspec is not None and isinstance(param, CaseParam):
             extra = "-".join(str(v) for k, v in callspec.params.items() if k != "llmopt_case") or None
             describe_item(item, param.spec.name, param.variant.id, extra, param.skipped_as)
 
 
-def deselect(items: Iterable[pytest.Item], selection: V.Selection) -> tuple[list[pytest.Item], list[pytest.Item]]:
+def deselect(items: Iterable[pytest.Item], selection: variants.Selection) -> tuple[list[pytest.Item], list[pytest.Item]]:
     """Split items into (kept, deselected) by --llmopt-variants."""
-    kept, dropped = [], []
+    kept: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
     for item in items:
         param = getattr(getattr(item, "callspec", None), "params", {}).get("llmopt_case")
         (kept if not isinstance(param, CaseParam) or selection.matches(param.variant) else dropped).append(item)
@@ -138,7 +139,7 @@ class Case:
         return self.param.spec
 
     @property
-    def variant(self) -> V.Variant:
+    def variant(self) -> variants.Variant:
         return self.param.variant
 
     @property
@@ -181,7 +182,7 @@ class Case:
     def label(self) -> str:
         return f"{self.param.id} vs {self.param.reference.id}"
 
-    def runner(self, variant: V.Variant | None = None, spec: ModelSpec | None = None) -> Runner:
+    def runner(self, variant: variants.Variant | None = None, spec: ModelSpec | None = None) -> Runner:
         """A Runner for ``variant`` (default: this case's) of ``spec`` (default: this case's model).
 
         Loading errors fail the test with the loader's one-line message; a composite model whose

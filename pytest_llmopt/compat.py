@@ -81,7 +81,8 @@ def model_class(config: Any, trust_remote_code: bool) -> type | None:
     """The causal-LM class a config loads into, without building it (None if unknown)."""
     mapping = AutoModelForCausalLM._model_mapping
     if type(config) in mapping:
-        return mapping[type(config)]
+        found: Any = mapping[type(config)]
+        return found
     auto_map = getattr(config, "auto_map", None) or {}
     if trust_remote_code and "AutoModelForCausalLM" in auto_map:
         from transformers.dynamic_module_utils import get_class_from_dynamic_module
@@ -176,7 +177,7 @@ def _init_params(cls: type) -> set[str]:
     for klass in cls.__mro__:
         if "__init__" not in vars(klass) or klass is object:
             continue
-        params = inspect.signature(klass.__init__).parameters
+        params = inspect.signature(vars(klass)["__init__"]).parameters
         names |= {n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
         if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
             break
@@ -216,7 +217,7 @@ def cache_tensors(cache: Any) -> list[torch.Tensor]:
 
 
 @functools.cache
-def _forward_params(cls: type) -> frozenset[str]:
+def _forward_params(cls: Any) -> frozenset[str]:
     return frozenset(inspect.signature(cls.forward).parameters)
 
 
@@ -231,11 +232,11 @@ def forward_step(model: Any, input_ids: torch.Tensor, cache: Any, start: int, at
 
 def cache_keyword(model: Any) -> str:
     """The keyword that hands a cache to forward() and generate(): ``cache`` from 5.2x, else ``past_key_values``."""
-    return "cache" if "cache" in _forward_params(type(model)) else "past_key_values"
+    return "cache" if "cache" in _forward_params(model.__class__) else "past_key_values"
 
 
 def step_kwargs(model: Any, input_ids: torch.Tensor, cache: Any, start: int, attention_mask: torch.Tensor | None = None) -> dict[str, Any]:
-    params = _forward_params(type(model))
+    params = _forward_params(model.__class__)
     length = input_ids.shape[1]
     positions = torch.arange(start, start + length, device=input_ids.device)
     kwargs: dict[str, Any] = {
@@ -322,7 +323,7 @@ def compile_config(all_devices: bool, **kwargs: Any) -> Any:
         from transformers import CompileConfig
     except ImportError:
         return None
-    config = CompileConfig(**kwargs)
+    config: Any = CompileConfig(**kwargs)
     if all_devices:
         config._compile_all_devices = True
     return config

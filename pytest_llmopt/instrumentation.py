@@ -60,7 +60,7 @@ def track_drafts() -> Iterator[DraftStats]:
     original = GenerationMixin._get_candidate_generator
 
     def patched(self: Any, *args: Any, **kwargs: Any) -> Any:
-        generator = original(self, *args, **kwargs)
+        generator: Any = original(self, *args, **kwargs)
         get_candidates = generator.get_candidates
         update = generator.update_candidate_strategy
         pending = {"n": 0}

@@ -84,7 +84,8 @@ def _share_cpu_between_workers() -> None:
 def _header(session: LlmoptSession) -> list[str]:
     machine = session.machine
     v = machine.versions
-    where = machine.device + (f" ({machine.gpu_name}, sm{machine.capability[0]}{machine.capability[1]})" if machine.gpu_name else "")
+    sm = machine.capability or (0, 0)
+    where = machine.device + (f" ({machine.gpu_name}, sm{sm[0]}{sm[1]})" if machine.gpu_name else "")
     return [
         f"llmopt: models {', '.join(spec.name for spec in session.models)}"
         + (f"; assistant {session.assistant.name}" if session.assistant else ""),

@@ -113,8 +113,7 @@ class Cell:
         """The one figure that says most about this optimization."""
         # Acceptance of a realistic draft (not the self/contrarian controls, which are 100 % / 0 % by design).
         for check, label in HEADLINE_DRAFTS:
-            values = [r.metrics.get("acceptance_rate") for r in self.results if r.check == check]
-            values = [v for v in values if isinstance(v, (int, float))]
+            values = [v for r in self.results if r.check == check and isinstance(v := r.metrics.get("acceptance_rate"), (int, float))]
             if values:
                 return f"{label} {max(values):.0%} accepted"
         speedups = [r.metrics["speedup"] for r in self.results if isinstance(r.metrics.get("speedup"), (int, float))]

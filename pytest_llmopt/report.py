@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import platform
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path

@@ -18,6 +18,7 @@ from .settings import Settings
 
 if TYPE_CHECKING:
     from .machine import Machine
+    from .models import ModelStore
 
 
 @dataclass
@@ -27,7 +28,7 @@ class LlmoptSession:
     assistant: ModelSpec | None
     prompts: tuple[Prompt, ...]
     _machine: Machine | None = field(default=None, repr=False)
-    _store: models.ModelStore | None = field(default=None, repr=False)
+    _store: ModelStore | None = field(default=None, repr=False)
 
     @property
     def machine(self) -> Machine:
@@ -42,7 +43,7 @@ class LlmoptSession:
         return self._machine
 
     @property
-    def store(self) -> models.ModelStore:
+    def store(self) -> ModelStore:
         """The model store of this session (one per process: each xdist worker has its own)."""
         if self._store is None:
             from . import compat

@@ -132,10 +132,10 @@ def test_early_exit_probe(monkeypatch):
         return input_ids, None
 
     def broken(self, input_ids, is_first_iteration):
-        return super().get_candidates(input_ids)  # noqa: F821 - only read as source
+        return super().get_candidates(input_ids)  # only read as source
 
     def fixed(self, input_ids, is_first_iteration):
-        return super().get_candidates(input_ids, is_first_iteration)  # noqa: F821
+        return super().get_candidates(input_ids, is_first_iteration)
 
     monkeypatch.setattr(cg.AssistedCandidateGenerator, "get_candidates", base)
     monkeypatch.setattr(cg.EarlyExitCandidateGenerator, "get_candidates", broken)

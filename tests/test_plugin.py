@@ -9,7 +9,6 @@ import time
 import pytest
 
 from conftest import shared_model
-
 from pytest_llmopt.outcomes import Status
 from pytest_llmopt.report import load
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from pytest_llmopt.cli import compare, main
-from pytest_llmopt.render import markdown
 from pytest_llmopt.outcomes import Status
+from pytest_llmopt.render import markdown
 from pytest_llmopt.report import ReportError, Result, load
 
 SUITE = """

@@ -50,11 +50,15 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return python
 
 
-def test_wheel_holds_the_suites(installed: Path) -> None:
-    code = "import pytest_llmopt, pytest_llmopt.suites as s, pathlib; p = pathlib.Path(s.__file__).parent; print(pytest_llmopt.__file__); print(sorted(x.name for x in p.glob('test_*.py')))"
+def test_wheel_holds_the_suites_and_the_type_marker(installed: Path) -> None:
+    code = (
+        "import pytest_llmopt, pytest_llmopt.suites as s, pathlib; p = pathlib.Path(s.__file__).parent; print(pytest_llmopt.__file__); "
+        "print(sorted(x.name for x in p.glob('test_*.py'))); print((p.parent / 'py.typed').is_file())"
+    )
     out = _run([str(installed), "-c", code], installed.parent, env=_clean_env()).stdout.splitlines()
     assert out[0].startswith(str(installed.parent.parent)), f"imported {out[0]}, not the installed wheel"
     assert out[1] == str(sorted(f"test_{name}.py" for name in SUITES))
+    assert out[2] == "True"
 
 
 def test_installed_suites_run_from_an_empty_directory(installed: Path, tmp_path: Path) -> None:
