@@ -75,7 +75,7 @@ def params_for(session: LlmoptSession, marker: pytest.Mark) -> list[Any]:
             reference = replace(variant, **overrides)
             marks: list[pytest.MarkDecorator] = [getattr(pytest.mark, name) for name in variant.markers()]
             skip = skip_reason(variant, machine, info.capabilities, info.class_name)
-            missing = compat.missing_feature(variant.compile, variant.cache, machine.device_type)
+            missing = compat.missing_feature(variant.compile, machine.device_type)
             skip = skip or ((Status.UNSUPPORTED, missing) if missing else None)
             if skip:
                 marks.append(pytest.mark.skip(reason=skip[1]))

@@ -23,7 +23,6 @@ from packaging.version import Version
 from transformers import AutoModelForCausalLM, GenerationMixin
 
 TRANSFORMERS = Version(transformers.__version__)
-TORCH = Version(torch.__version__.split("+")[0])
 
 CAPABILITIES = ("sdpa", "flash_attn", "flex_attn", "compile_fullgraph", "static_cache")
 # Where the installed release keeps each capability. 4.x gated static caches with
@@ -407,7 +406,7 @@ def layers_restored(model: Any) -> Iterator[None]:
             base.config.num_hidden_layers = layers
 
 
-def missing_feature(variant_compile: str, cache: str, device_type: str) -> str | None:
+def missing_feature(variant_compile: str, device_type: str) -> str | None:
     """Why this transformers release cannot run a variant on this device at all, or None."""
     if variant_compile == "auto" and not supports_auto_compile():
         if not _auto_compiles_on_cuda_only():

@@ -89,9 +89,7 @@ class Cell:
             return "pass"
         if self.count(Status.KNOWN_ISSUE):
             return "known"
-        if self.count(Status.UNSUPPORTED) and not self.count(Status.NOT_RUN, Status.INCONCLUSIVE):
-            return "unsupported"
-        return "skipped" if not self.count(Status.UNSUPPORTED) else "unsupported"
+        return "unsupported" if self.count(Status.UNSUPPORTED) else "skipped"
 
     def text(self, marks: dict[str, str] = MARK) -> str:
         """'✅ 9/9 · 2 unsupported · 3 not run' - counts over the checks that ran."""

@@ -174,9 +174,9 @@ def test_instance_overrides_nest_and_restore():
 def test_auto_compile_support_by_release(monkeypatch, new_api, cuda_only, device, expected):
     monkeypatch.setattr(compat, "supports_auto_compile", lambda: new_api)
     monkeypatch.setattr(compat, "_auto_compiles_on_cuda_only", lambda: cuda_only)
-    reason = compat.missing_feature("auto", "static", device)
+    reason = compat.missing_feature("auto", device)
     assert reason is None if expected is None else expected in reason
-    assert compat.missing_feature("off", "static", device) is None
+    assert compat.missing_feature("off", device) is None
 
 
 def test_every_known_issue_is_declared_by_a_suite() -> None:

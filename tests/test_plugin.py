@@ -196,9 +196,9 @@ def test_out_of_memory_fails_one_test_with_one_line(suite: pytest.Pytester) -> N
 
 def test_real_model_loads_through_the_local_folder_path(suite: pytest.Pytester) -> None:
     path = shared_model("tinystories-656k")
-    result = suite.runpytest("-q", f"--llmopt-model={path}", "-k", "test_cache")
+    result = suite.runpytest(f"--llmopt-model={path}", "-k", "test_cache")
     result.assert_outcomes(passed=2)
-    result.stdout.fnmatch_lines(["*"])
+    result.stdout.fnmatch_lines(["llmopt: models tinystories-656k"])
     collected = suite.runpytest("--collect-only", "-q", f"--llmopt-model={path}", "-k", "test_cache")
     collected.stdout.fnmatch_lines(["*test_cache[[]dynamic/sdpa/fp32@tinystories-656k[]]"])
 
