@@ -16,17 +16,20 @@ import contextlib
 import shlex
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from . import variants as V
+from . import variants
 from .models import ModelSpec
+from .outcomes import UNSUPPORTED_BY_MODEL, Status
 from .session import LlmoptSession
 
-UNSUPPORTED_BY_MODEL = "unsupported by the model"
-UNSUPPORTED_BY_STACK = "unsupported by transformers"
-MARKER = "llmopt"
+if TYPE_CHECKING:
+    from .machine import Machine
+    from .prompts import Prompt
+    from .runner import Runner
+
 
 
 @dataclass(frozen=True)
@@ -34,26 +37,32 @@ class CaseParam:
     """The collected parameter of one test: which model, which variant, compared to what."""
 
     spec: ModelSpec
-    variant: V.Variant
-    reference: V.Variant
+    variant: variants.Variant
+    reference: variants.Variant
+    skipped_as: Status | None = None  # skipped at collection: not run here, or unsupported
 
     @property
     def id(self) -> str:
         return f"{self.variant.id}@{self.spec.name}"
 
 
-def variants_of(marker: pytest.Mark, dtype: str) -> tuple[list[V.Variant], dict[str, str]]:
+def variants_of(marker: pytest.Mark, dtype: str) -> tuple[list[variants.Variant], dict[str, str]]:
     """The marker's variants, and the axis overrides that turn a variant into its reference."""
-    axes = {k: v for k, v in marker.kwargs.items() if k in V.AXES}
-    unknown = set(marker.kwargs) - set(V.AXES) - {"reference"}
+    from . import known_issues
+
+    axes = {k: v for k, v in marker.kwargs.items() if k in variants.AXES}
+    unknown = set(marker.kwargs) - set(variants.AXES) - {"reference", "known_issues"}
     if unknown:
-        raise pytest.UsageError(f"@pytest.mark.llmopt: unknown argument(s) {sorted(unknown)}; axes: {list(V.AXES)}, reference")
-    return V.matrix(dtype=dtype, **axes), dict(marker.kwargs.get("reference") or {})
+        raise pytest.UsageError(f"@pytest.mark.llmopt: unknown argument(s) {sorted(unknown)}; axes: {list(variants.AXES)}, reference, known_issues")
+    missing = known_issues.unknown(marker.kwargs.get("known_issues", ()))
+    if missing:
+        raise pytest.UsageError(f"@pytest.mark.llmopt: known_issues={missing} not in pytest_llmopt.known_issues.KNOWN_ISSUES")
+    return variants.matrix(dtype=dtype, **axes), dict(marker.kwargs.get("reference") or {})
 
 
-def params_for(session: LlmoptSession, marker: pytest.Mark, test_name: str) -> list[Any]:
+def params_for(session: LlmoptSession, marker: pytest.Mark) -> list[Any]:
     """pytest.param objects for every (model, variant), with their markers and skip reasons."""
-    from . import compat, models
+    from . import compat, known_issues, models, outcomes
 
     machine = session.machine
     found, overrides = variants_of(marker, machine.dtype)
@@ -64,29 +73,31 @@ def params_for(session: LlmoptSession, marker: pytest.Mark, test_name: str) -> l
             if "attention" not in marker.kwargs and not info.capabilities.get("sdpa", True):
                 variant = replace(variant, attention="eager")  # the model's own default, as from_pretrained picks it
             reference = replace(variant, **overrides)
-            param = CaseParam(spec, variant, reference)
-            marks: list[Any] = [getattr(pytest.mark, name) for name in variant.markers()]
-            reason = skip_reason(variant, machine, info.capabilities, info.class_name)
-            reason = reason or compat.missing_feature(variant.compile, variant.cache, machine.device_type)
-            if reason:
-                marks.append(pytest.mark.skip(reason=reason))
-            issue = compat.known_issue(test_name, variant.cache, variant.attention, machine.device_type)
-            if issue and not reason:
-                marks.append(pytest.mark.xfail(reason=issue.reason, raises=compat.exception_class(issue.raises), strict=False))
+            marks: list[pytest.MarkDecorator] = [getattr(pytest.mark, name) for name in variant.markers()]
+            skip = skip_reason(variant, machine, info.capabilities, info.class_name)
+            missing = compat.missing_feature(variant.compile, machine.device_type)
+            skip = skip or ((Status.UNSUPPORTED, missing) if missing else None)
+            if skip:
+                marks.append(pytest.mark.skip(reason=skip[1]))
+            param = CaseParam(spec, variant, reference, skip[0] if skip else None)
+            issue = known_issues.known_issue(marker.kwargs.get("known_issues", ()), variant.cache, variant.attention, machine.device_type)
+            if issue and not skip:
+                marks.append(outcomes.known_issue(issue.reason, known_issues.exception_class(issue.raises)))
             out.append(pytest.param(param, id=param.id, marks=marks))
     return out
 
 
-def skip_reason(variant: V.Variant, machine: Any, capabilities: dict[str, bool], class_name: str) -> str | None:
-    """Why a variant cannot run here: the machine first (what the user can change), then the model."""
+def skip_reason(variant: variants.Variant, machine: Machine, capabilities: dict[str, bool], class_name: str) -> tuple[Status, str] | None:
+    """Why a variant cannot run here: the machine first (not run: what the user can change), then the
+    model (unsupported)."""
     for need in variant.machine_requirements():
         if not machine.has(need.key):
-            return need.how
+            return Status.NOT_RUN, need.how
     from .compat import CAPABILITY_ATTRIBUTE
 
     for capability in variant.model_requirements():
         if not capabilities.get(capability, True):
-            return f"{UNSUPPORTED_BY_MODEL}: {class_name} does not declare {CAPABILITY_ATTRIBUTE[capability]}"
+            return Status.UNSUPPORTED, f"{UNSUPPORTED_BY_MODEL}: {class_name} does not declare {CAPABILITY_ATTRIBUTE[capability]}"
     return None
 
 
@@ -97,14 +108,15 @@ def label_items(items: Iterable[pytest.Item]) -> None:
     for item in items:
         callspec = getattr(item, "callspec", None)
         param = callspec.params.get("llmopt_case") if callspec else None
-        if isinstance(param, CaseParam):
+        if callspec is not None and isinstance(param, CaseParam):
             extra = "-".join(str(v) for k, v in callspec.params.items() if k != "llmopt_case") or None
-            describe_item(item, param.spec.name, param.variant.id, extra)
+            describe_item(item, param.spec.name, param.variant.id, extra, param.skipped_as)
 
 
-def deselect(items: Iterable[pytest.Item], selection: V.Selection) -> tuple[list[pytest.Item], list[pytest.Item]]:
+def deselect(items: Iterable[pytest.Item], selection: variants.Selection) -> tuple[list[pytest.Item], list[pytest.Item]]:
     """Split items into (kept, deselected) by --llmopt-variants."""
-    kept, dropped = [], []
+    kept: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
     for item in items:
         param = getattr(getattr(item, "callspec", None), "params", {}).get("llmopt_case")
         (kept if not isinstance(param, CaseParam) or selection.matches(param.variant) else dropped).append(item)
@@ -141,7 +153,7 @@ class Case:
         return self.param.spec
 
     @property
-    def variant(self) -> V.Variant:
+    def variant(self) -> variants.Variant:
         return self.param.variant
 
     @property
@@ -149,8 +161,32 @@ class Case:
         return self.session.settings.new_tokens
 
     @property
-    def prompts(self) -> Any:
+    def prompts(self) -> tuple[Prompt, ...]:
         return self.session.prompts
+
+    @property
+    def assistant(self) -> ModelSpec | None:
+        """The session's --llmopt-assistant, or None."""
+        return self.session.assistant
+
+    @property
+    def device_type(self) -> str:
+        """"cpu" or "cuda"."""
+        return self.session.machine.device_type
+
+    @property
+    def dtype(self) -> str:
+        """The session's dtype: "float32", "float16" or "bfloat16"."""
+        return self.session.machine.dtype
+
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence this case's model takes (from its config), None when it does not say."""
+        return self.session.store.describe(self.spec).max_positions
+
+    def tokenizer(self, spec: ModelSpec | None = None) -> Any:
+        """The tokenizer of ``spec`` (default: this case's model), without loading its weights."""
+        return self.session.store.tokenizer(spec or self.spec)
 
     @property
     def seed(self) -> int:
@@ -160,13 +196,13 @@ class Case:
     def label(self) -> str:
         return f"{self.param.id} vs {self.param.reference.id}"
 
-    def runner(self, variant: V.Variant | None = None, spec: ModelSpec | None = None) -> Any:
+    def runner(self, variant: variants.Variant | None = None, spec: ModelSpec | None = None) -> Runner:
         """A Runner for ``variant`` (default: this case's) of ``spec`` (default: this case's model).
 
         Loading errors fail the test with the loader's one-line message; a composite model whose
         parts do not all declare what the variant needs is skipped as unsupported.
         """
-        from . import compat
+        from . import compat, outcomes
         from .models import LoadError
         from .runner import Runner
 
@@ -187,15 +223,15 @@ class Case:
         caps = compat.model_capabilities(model)
         for capability in runner.variant.model_requirements():
             if not caps[capability]:
-                pytest.skip(f"{UNSUPPORTED_BY_MODEL}: a part of {type(model).__name__} does not declare {compat.CAPABILITY_ATTRIBUTE[capability]}")
+                outcomes.unsupported(f"{UNSUPPORTED_BY_MODEL}: a part of {type(model).__name__} does not declare {compat.CAPABILITY_ATTRIBUTE[capability]}")
         return runner
 
     @property
-    def target(self) -> Any:
+    def target(self) -> Runner:
         return self.runner()
 
     @property
-    def reference(self) -> Any:
+    def reference(self) -> Runner:
         return self.runner(self.param.reference)
 
     def precise(self) -> Any:
@@ -205,7 +241,7 @@ class Case:
 
         found = precise_for(self.runner(self.param.reference).model, self.session.machine.dtype)
         if found.model is None:
-            pytest.skip(f"not run: no higher-precision reference for the noise floor ({found.name})")
+            outcomes.not_run(f"no higher-precision reference for the noise floor ({found.name})")
         return found
 
     @property
@@ -263,7 +299,7 @@ class Case:
             pytest.fail(verdict.message, pytrace=False)
         return verdict
 
-    def check_distribution(self, runner: Any, text: str, samples: int, new_tokens: int, what: str = "", **extra: Any) -> Any:
+    def check_distribution(self, runner: Runner, text: str, samples: int, new_tokens: int, what: str = "", **extra: Any) -> Any:
         """Fail unless sampled continuations of ``text`` on ``runner`` (with ``extra`` generate arguments,
         e.g. an assistant) follow the plain model's distribution (equivalence.distribution_test)."""
         from .equivalence import distribution_test

@@ -3,6 +3,7 @@
   llmopt compare BASE.json CANDIDATE.json   diff of every check and figure, regressions first;
                                             exit 1 on any regression beyond tolerance, 0 otherwise
   llmopt report RUN.json [RUN.json ...] -o compat.md|.html|.json   one matrix from several runs
+  llmopt run [PYTEST ARGS ...]              the installed suites: pytest --pyargs pytest_llmopt.suites ARGS
 
 Exit status 2 means the command itself could not run (a missing or malformed report, a bad option).
 """
@@ -16,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .report import Result, ReportError, load, write
+from .outcomes import GOOD, Status
+from .render import write
+from .report import ReportError, Result, load
 
 # Figures judged by the gate: +1 when higher is better, -1 when lower is better.
 DIRECTION = {
@@ -35,7 +38,6 @@ DIRECTION = {
 # How far a figure may move the wrong way before it is a regression: relative, or absolute for rates/counts.
 DEFAULT_RELATIVE = 0.05
 ABSOLUTE = {"acceptance_rate": 0.02, "recompiles": 0.0, "compiles_warmup": 0.0, "roofline_pct": 5.0}
-GOOD = ("passed", "known-issue-passed")
 
 
 @dataclass
@@ -77,16 +79,16 @@ def compare(base: list[Result], candidate: list[Result], relative: float = DEFAU
 def _status(r: Result | None) -> str:
     if r is None:
         return "absent"
-    return r.status + (f": {r.reason}" if r.reason and r.status != "passed" else "")
+    return r.status.value + (f": {r.reason}" if r.reason and r.status != Status.PASSED else "")
 
 
 def _status_change(key: str, a: Result, b: Result) -> list[Change]:
     if a.status == b.status:
         return []
-    if "skipped" in (a.status, b.status):
+    if Status.NOT_RUN in (a.status, b.status):
         return [Change("change", key, "status", _status(a), _status(b), "not run in one of the runs: not comparable")]
-    if b.status == "failed" or (a.status in GOOD and b.status not in GOOD):
-        note = {"failed": "new failure", "unsupported": "support lost", "known-issue": "now a known issue"}.get(b.status, "worse")
+    if b.status == Status.FAILED or (a.status in GOOD and b.status not in GOOD):
+        note = {Status.FAILED: "new failure", Status.UNSUPPORTED: "support lost", Status.KNOWN_ISSUE: "now a known issue"}.get(b.status, "worse")
         return [Change("regression", key, "status", _status(a), _status(b), note)]
     if b.status in GOOD:
         return [Change("improvement", key, "status", _status(a), _status(b), "now passes")]
@@ -139,7 +141,21 @@ def render_changes(changes: list[Change], unchanged: int, base_env: dict[str, An
     return "\n".join(lines) + "\n"
 
 
+SUITES_PACKAGE = "pytest_llmopt.suites"
+
+
+def run(pytest_args: Sequence[str]) -> int:
+    """``llmopt run ARGS``: pytest on the suites installed with the package, from any directory
+    (``python_files`` pinned, so that a project's own ini cannot hide them)."""
+    import pytest
+
+    return int(pytest.main(["--pyargs", SUITES_PACKAGE, "-o", "python_files=test_*.py", *pytest_args]))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["run"]:  # everything after `run` belongs to pytest, unparsed
+        return run(args_list[1:])
     parser = argparse.ArgumentParser(prog="llmopt", description="pytest-llmopt reports: the upgrade gate and merged compatibility reports")
     sub = parser.add_subparsers(dest="command", required=True)
     cmp_parser = sub.add_parser("compare", help="diff two JSON reports; exit 1 on a regression")
@@ -147,10 +163,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmp_parser.add_argument("candidate", type=Path, help="report of the candidate stack")
     cmp_parser.add_argument("--relative", type=float, default=DEFAULT_RELATIVE, help="allowed relative loss of speed or growth of memory (default 0.05)")
     cmp_parser.add_argument("-o", "--output", type=Path, help="also write the diff (Markdown) to this file, e.g. $GITHUB_STEP_SUMMARY")
+    sub.add_parser("run", help="run the installed suites: pytest --pyargs pytest_llmopt.suites [PYTEST ARGS]", add_help=False)
     rep_parser = sub.add_parser("report", help="merge JSON reports into one matrix")
     rep_parser.add_argument("runs", type=Path, nargs="+", help="JSON reports written with --llmopt-report")
     rep_parser.add_argument("-o", "--output", type=Path, required=True, help="compat.md, compat.html or compat.json")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(args_list)
     try:
         if args.command == "compare":
             return _compare(args)

@@ -4,6 +4,9 @@ Supported: transformers 4.46 through 5.x. Where a release lacks a feature, ``mis
 so and the variant is reported unsupported for that version instead of failing. Feature checks probe
 the installed code (attributes, signatures) rather than compare version numbers where they can, so a
 backport or a patched build is judged by what it does.
+
+Its neighbours: ``known_issues`` (upstream bugs the suites catch), ``instrumentation`` (counters that
+prove a path ran), ``outcomes`` (refusals that mean "unsupported").
 """
 
 from __future__ import annotations
@@ -11,8 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -21,7 +23,6 @@ from packaging.version import Version
 from transformers import AutoModelForCausalLM, GenerationMixin
 
 TRANSFORMERS = Version(transformers.__version__)
-TORCH = Version(torch.__version__.split("+")[0])
 
 CAPABILITIES = ("sdpa", "flash_attn", "flex_attn", "compile_fullgraph", "static_cache")
 # Where the installed release keeps each capability. 4.x gated static caches with
@@ -79,7 +80,8 @@ def model_class(config: Any, trust_remote_code: bool) -> type | None:
     """The causal-LM class a config loads into, without building it (None if unknown)."""
     mapping = AutoModelForCausalLM._model_mapping
     if type(config) in mapping:
-        return mapping[type(config)]
+        found: Any = mapping[type(config)]
+        return found
     auto_map = getattr(config, "auto_map", None) or {}
     if trust_remote_code and "AutoModelForCausalLM" in auto_map:
         from transformers.dynamic_module_utils import get_class_from_dynamic_module
@@ -174,7 +176,7 @@ def _init_params(cls: type) -> set[str]:
     for klass in cls.__mro__:
         if "__init__" not in vars(klass) or klass is object:
             continue
-        params = inspect.signature(klass.__init__).parameters
+        params = inspect.signature(vars(klass)["__init__"]).parameters
         names |= {n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
         if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
             break
@@ -214,7 +216,7 @@ def cache_tensors(cache: Any) -> list[torch.Tensor]:
 
 
 @functools.cache
-def _forward_params(cls: type) -> frozenset[str]:
+def _forward_params(cls: Any) -> frozenset[str]:
     return frozenset(inspect.signature(cls.forward).parameters)
 
 
@@ -229,11 +231,11 @@ def forward_step(model: Any, input_ids: torch.Tensor, cache: Any, start: int, at
 
 def cache_keyword(model: Any) -> str:
     """The keyword that hands a cache to forward() and generate(): ``cache`` from 5.2x, else ``past_key_values``."""
-    return "cache" if "cache" in _forward_params(type(model)) else "past_key_values"
+    return "cache" if "cache" in _forward_params(model.__class__) else "past_key_values"
 
 
 def step_kwargs(model: Any, input_ids: torch.Tensor, cache: Any, start: int, attention_mask: torch.Tensor | None = None) -> dict[str, Any]:
-    params = _forward_params(type(model))
+    params = _forward_params(model.__class__)
     length = input_ids.shape[1]
     positions = torch.arange(start, start + length, device=input_ids.device)
     kwargs: dict[str, Any] = {
@@ -284,25 +286,6 @@ def _instance_override(obj: Any, name: str, value: Any) -> Iterator[None]:
             setattr(obj, name, saved)
 
 
-@contextlib.contextmanager
-def count_compiled_calls(model: Any) -> Iterator[dict[str, int]]:
-    """Count forward calls that generate() routes through its compiled callable (``get_compiled_call``),
-    so a check of 'compiled == eager' can prove that compiled code ran at all."""
-    counter = {"calls": 0}
-    original = model.get_compiled_call
-
-    def wrapped(compile_config: Any) -> Any:
-        compiled = original(compile_config)
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            counter["calls"] += 1
-            return compiled(*args, **kwargs)
-
-        return call
-
-    with _instance_override(model, "get_compiled_call", wrapped):
-        yield counter
-
 
 def supports_auto_compile() -> bool:
     """generate() decides by itself whether to compile its decode steps, on any device a CompileConfig
@@ -339,7 +322,7 @@ def compile_config(all_devices: bool, **kwargs: Any) -> Any:
         from transformers import CompileConfig
     except ImportError:
         return None
-    config = CompileConfig(**kwargs)
+    config: Any = CompileConfig(**kwargs)
     if all_devices:
         config._compile_all_devices = True
     return config
@@ -423,7 +406,7 @@ def layers_restored(model: Any) -> Iterator[None]:
             base.config.num_hidden_layers = layers
 
 
-def missing_feature(variant_compile: str, cache: str, device_type: str) -> str | None:
+def missing_feature(variant_compile: str, device_type: str) -> str | None:
     """Why this transformers release cannot run a variant on this device at all, or None."""
     if variant_compile == "auto" and not supports_auto_compile():
         if not _auto_compiles_on_cuda_only():
@@ -431,189 +414,3 @@ def missing_feature(variant_compile: str, cache: str, device_type: str) -> str |
         if device_type != "cuda":
             return f"unsupported by transformers {TRANSFORMERS}: generate() auto-compiles only on CUDA in this release"
     return None
-
-
-@dataclass(frozen=True)
-class KnownIssue:
-    """An upstream bug this suite catches on a given stack, run as a non-strict xfail limited to the
-    exception it raises: any other failure still fails, and a fix shows up as XPASS. ``present`` probes
-    the installed code or versions, so the entry stops applying once the bug is fixed upstream."""
-
-    tests: tuple[str, ...]
-    present: Callable[[], bool]
-    raises: str  # dotted exception class
-    reason: str
-    applies: Callable[[str, str, str], bool] = lambda cache, attention, device: True  # (variant cache, attention, device type)
-
-
-def _prompt_lookup_overruns_max_length() -> bool:
-    from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
-
-    try:
-        source = inspect.getsource(PromptLookupCandidateGenerator.get_candidates)
-    except (OSError, TypeError):
-        return False
-    return "min(end_idx, input_length, self.max_length)" in source
-
-
-def _early_exit_drops_first_iteration() -> bool:
-    """5.0: the base generator's get_candidates gained a required ``is_first_iteration`` that
-    EarlyExitCandidateGenerator does not pass on to it (TypeError on the first draft)."""
-    from transformers.generation import candidate_generator as cg
-
-    early_exit = getattr(cg, "EarlyExitCandidateGenerator", None)
-    if early_exit is None:
-        return False
-    parameter = inspect.signature(cg.AssistedCandidateGenerator.get_candidates).parameters.get("is_first_iteration")
-    try:
-        source = inspect.getsource(early_exit.get_candidates)
-    except (OSError, TypeError):
-        return False
-    return parameter is not None and parameter.default is inspect.Parameter.empty and "super().get_candidates(input_ids)" in source
-
-
-def _universal_draft_gets_target_inputs() -> bool:
-    """Universal assisted decoding hands the draft model per-token inputs of the target, whose length
-    differs from the draft's re-tokenized input (a size mismatch in the draft's forward):
-    5.0 to 5.2, the first draft call's prefill path (taking ``is_first_iteration``) passes the target's
-    attention mask; later, the assistant kwargs carry the target's position ids (``_prepare_position_ids``)
-    until 5.1x made the universal generator drop them."""
-    from transformers.generation import candidate_generator as cg
-
-    universal = getattr(cg, "AssistedCandidateGeneratorDifferentTokenizers", None)
-    if universal is None:
-        return False
-    prepare = getattr(cg.AssistedCandidateGenerator, "_prepare_generation_args", None)
-    if prepare is not None and "is_first_iteration" in inspect.signature(prepare).parameters:
-        return True
-    try:
-        source = inspect.getsource(universal.get_candidates)
-    except (OSError, TypeError):
-        return False
-    return hasattr(cg, "_prepare_position_ids") and "position_ids" not in source
-
-
-KNOWN_ISSUES = (
-    KnownIssue(
-        tests=("test_generation_matches_eager", "test_long_prompt_matches_eager", "test_single_prompt_matches_eager"),
-        applies=lambda cache, attention, device: attention == "flex_attention" and device == "cpu",
-        present=lambda: torch.__version__.startswith("2.13."),
-        raises="torch._inductor.exc.InductorError",
-        reason="known issue: torch 2.13's inductor emits C++ that does not compile ('cur_kvSplitSize0' undeclared) "
-        "for flex_attention's CPU decode kernel when the mask is more than causal (padding, a sliding window)",
-    ),
-    KnownIssue(
-        tests=("test_greedy_matches_plain_greedy",),
-        applies=lambda cache, attention, device: cache == "static",
-        present=_prompt_lookup_overruns_max_length,
-        raises="IndexError",
-        reason="known issue: PromptLookupCandidateGenerator caps a draft at max_length as a source index, not as a "
-        "length, so a draft near the end writes past a static cache (IndexError in index_copy_)",
-    ),
-    KnownIssue(
-        tests=("test_early_exit_self_speculation",),
-        present=_early_exit_drops_first_iteration,
-        raises="TypeError",
-        reason="known issue: EarlyExitCandidateGenerator.get_candidates calls the base get_candidates without its "
-        "required is_first_iteration argument (TypeError on the first draft)",
-    ),
-    KnownIssue(
-        tests=("test_universal_assisted_decoding",),
-        present=_universal_draft_gets_target_inputs,
-        raises="RuntimeError",
-        reason="known issue: universal assisted decoding hands the draft model the target's attention mask or position "
-        "ids, whose length differs from the draft's re-tokenized input (size mismatch in the draft's forward)",
-    ),
-)
-
-
-def known_issue(test: str, cache: str, attention: str, device_type: str) -> KnownIssue | None:
-    for issue in KNOWN_ISSUES:
-        if test in issue.tests and issue.applies(cache, attention, device_type) and issue.present():
-            return issue
-    return None
-
-
-# Messages with which transformers itself refuses a combination: "unsupported by transformers", not failures.
-REFUSALS = (
-    "requires a cache that can be cropped",  # 5.2x: a static sliding-window cache longer than its window
-    "not supported with Static cache",  # up to 5.1x: assisted generation refuses static caches
-)
-
-
-def refusal(exc: BaseException, sdpa_backend: str | None = None) -> str | None:
-    """Why ``exc`` is transformers (or torch) refusing a combination, or None when it is a real error.
-
-    A pinned SDPA backend that has no kernel for the input (PyTorch's flash kernel takes no attention
-    mask, so a padded batch has none) is torch's refusal, reported with the backend named; so is a
-    NotImplementedError of flex_attention's CPU lowering (wrapped by inductor in a RuntimeError).
-    """
-    text = str(exc)
-    if isinstance(exc, ValueError) and any(r in text for r in REFUSALS):
-        return f"unsupported by transformers {TRANSFORMERS}: {text.splitlines()[0]}"
-    if sdpa_backend and isinstance(exc, RuntimeError) and "No available kernel" in text:
-        return f"unsupported by torch {torch.__version__}: the {sdpa_backend} SDPA backend has no kernel for this input"
-    if isinstance(exc, RuntimeError) and "`return_lse` is not supported" in text:
-        # transformers 4.50-4.5x asks flex_attention for the log-sum-exp, which torch's CPU kernel lacks
-        return f"unsupported by torch {torch.__version__}: its compiled CPU flex_attention cannot return the log-sum-exp transformers {TRANSFORMERS} asks for"
-    return None
-
-
-def exception_class(dotted: str) -> type[BaseException]:
-    import builtins
-    import importlib
-
-    module, _, name = dotted.rpartition(".")
-    return getattr(importlib.import_module(module), name) if module else getattr(builtins, name)
-
-
-@dataclass
-class DraftStats:
-    """Draft tokens proposed and accepted over one or more assisted generate() calls."""
-
-    proposed: int = 0
-    accepted: int = 0
-    steps: int = 0
-
-    @property
-    def acceptance_rate(self) -> float | None:
-        return self.accepted / self.proposed if self.proposed else None
-
-
-@contextlib.contextmanager
-def track_drafts() -> Iterator[DraftStats]:
-    """Count proposed and accepted draft tokens of every candidate generator built meanwhile.
-
-    Wraps ``GenerationMixin._get_candidate_generator`` (present since 4.3x) and, on each generator it
-    returns, ``get_candidates`` (how many tokens were proposed) and ``update_candidate_strategy``
-    (how many of them the target accepted).
-    """
-    stats = DraftStats()
-    original = GenerationMixin._get_candidate_generator
-
-    def patched(self: Any, *args: Any, **kwargs: Any) -> Any:
-        generator = original(self, *args, **kwargs)
-        get_candidates = generator.get_candidates
-        update = generator.update_candidate_strategy
-        pending = {"n": 0}
-
-        def counted_candidates(input_ids: torch.Tensor, *a: Any, **kw: Any) -> Any:
-            candidate_ids, logits = get_candidates(input_ids, *a, **kw)
-            pending["n"] = int(candidate_ids.shape[-1] - input_ids.shape[-1])
-            return candidate_ids, logits
-
-        def counted_update(input_ids: torch.Tensor, scores: torch.Tensor, num_matches: Any) -> Any:
-            stats.proposed += pending["n"]
-            stats.accepted += min(int(num_matches), pending["n"])
-            stats.steps += 1
-            return update(input_ids, scores, num_matches)
-
-        generator.get_candidates = counted_candidates
-        generator.update_candidate_strategy = counted_update
-        return generator
-
-    GenerationMixin._get_candidate_generator = patched  # type: ignore[method-assign]
-    try:
-        yield stats
-    finally:
-        GenerationMixin._get_candidate_generator = original  # type: ignore[method-assign]

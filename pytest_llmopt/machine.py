@@ -9,8 +9,8 @@ import importlib.util
 import platform
 import shutil
 from dataclasses import dataclass, field
-
 from importlib import metadata
+
 
 @dataclass(frozen=True)
 class Machine:

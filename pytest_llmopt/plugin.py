@@ -5,14 +5,20 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Generator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from . import outcomes
 from . import settings as settings_module
-from .session import LlmoptSession, build
+from .settings import Settings
 
-SESSION_KEY = pytest.StashKey[LlmoptSession]()
+if TYPE_CHECKING:
+    from .cases import Case
+    from .session import LlmoptSession
+
+SETTINGS_KEY = pytest.StashKey[Settings]()
+SESSION_KEY = pytest.StashKey["LlmoptSession"]()
 
 MARKERS = {
     "llmopt": "llmopt(cache=..., compile=..., attention=..., quant=..., reference={axis: value}): "
@@ -30,17 +36,38 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
+    """Cheap in every session: markers, settings (validated: a bad value is a usage error now) and the
+    results collector. The llmopt session (machine probe, torch, model resolution, maybe the hub) is
+    built here only when llmopt was asked for, so that a bad model ends the session before any test;
+    otherwise on first need (an llmopt test collected), and never in a session that has none."""
     for marker in MARKERS.values():
         config.addinivalue_line("markers", marker)
     if config.option.help or config.option.version:
         return
-    _quiet_torch_trace()
-    session = build(settings_module.from_config(config))
-    session.machine  # noqa: B018 - probe now: a device that does not exist is a usage error, not a collection error
-    _share_cpu_between_workers()
-    config.stash[SESSION_KEY] = session
+    settings = settings_module.from_config(config)
+    config.stash[SETTINGS_KEY] = settings
     if not hasattr(config, "workerinput"):  # xdist workers hand their reports to the controller
         config.pluginmanager.register(ResultsPlugin(config), "llmopt-results")
+    if asked_for(settings):
+        session_of(config)
+
+
+def asked_for(settings: Settings) -> bool:
+    """Any --llmopt-* option, LLMOPT_* variable or llmopt_* ini key given."""
+    return any(source != "default" for source in settings.sources.values())
+
+
+def session_of(config: pytest.Config) -> LlmoptSession:
+    """The llmopt session of this pytest session, built on first call."""
+    if SESSION_KEY not in config.stash:
+        from .session import build
+
+        _quiet_torch_trace()
+        session = build(config.stash[SETTINGS_KEY])
+        session.machine  # noqa: B018 - probe now: a device that does not exist is a usage error, not a collection error
+        _share_cpu_between_workers()
+        config.stash[SESSION_KEY] = session
+    return config.stash[SESSION_KEY]
 
 
 def _quiet_torch_trace() -> None:
@@ -60,18 +87,12 @@ def _share_cpu_between_workers() -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // count))
 
 
-def session_of(config: pytest.Config) -> LlmoptSession:
-    return config.stash[SESSION_KEY]
-
-
-def pytest_report_header(config: pytest.Config) -> list[str]:
-    if SESSION_KEY not in config.stash:
-        return []
-    session = session_of(config)
+def _header(session: LlmoptSession) -> list[str]:
     machine = session.machine
     v = machine.versions
-    where = machine.device + (f" ({machine.gpu_name}, sm{machine.capability[0]}{machine.capability[1]})" if machine.gpu_name else "")
-    lines = [
+    sm = machine.capability or (0, 0)
+    where = machine.device + (f" ({machine.gpu_name}, sm{sm[0]}{sm[1]})" if machine.gpu_name else "")
+    return [
         f"llmopt: models {', '.join(spec.name for spec in session.models)}"
         + (f"; assistant {session.assistant.name}" if session.assistant else ""),
         f"llmopt: device {where}, dtype {machine.dtype}, variants {session.settings.variants}, seed {session.settings.seed}",
@@ -79,7 +100,20 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
             v.get("torch"), v.get("transformers"), v.get("bitsandbytes") or "not installed", v.get("flash-attn") or "not installed"
         ),
     ]
-    return lines
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """Asked for: the session exists already (built at configure)."""
+    if SETTINGS_KEY not in config.stash or not asked_for(config.stash[SETTINGS_KEY]):
+        return []
+    return _header(session_of(config))
+
+
+def pytest_report_collectionfinish(config: pytest.Config) -> list[str]:
+    """Not asked for, but llmopt tests were collected (e.g. plain `pytest suites`): the same lines, now."""
+    if SETTINGS_KEY not in config.stash or asked_for(config.stash[SETTINGS_KEY]) or SESSION_KEY not in config.stash:
+        return []
+    return _header(config.stash[SESSION_KEY])
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -90,11 +124,11 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         raise pytest.UsageError(f"{metafunc.definition.nodeid}: a test using llmopt_case needs @pytest.mark.llmopt(...)")
     from .cases import params_for
 
-    metafunc.parametrize("llmopt_case", params_for(session_of(metafunc.config), marker, metafunc.function.__name__), indirect=True)
+    metafunc.parametrize("llmopt_case", params_for(session_of(metafunc.config), marker), indirect=True)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if SESSION_KEY not in config.stash:
+    if SESSION_KEY not in config.stash:  # no llmopt test was collected
         return
     from .cases import deselect, label_items
 
@@ -134,18 +168,42 @@ class ResultsPlugin:
                 cell = cells[(model, suite)]
                 if cell.results:
                     terminalreporter.write_line(f"{model:<{width}}  {suite:<14} {cell.text(WORD)}")
-        path = session_of(self.config).settings.report
+        path = self.config.stash[SETTINGS_KEY].report
         if path:
             terminalreporter.write_line(f"report written to {path}")
 
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        llmopt = session_of(self.config)
-        if llmopt.settings.report is None:
+        path = self.config.stash[SETTINGS_KEY].report
+        if path is None:
             return
-        from .report import environment, write
+        from .render import write
+        from .report import environment
 
-        write(llmopt.settings.report, self.collector.sorted(), [environment(llmopt)])
+        write(path, self.collector.sorted(), [environment(session_of(self.config))])
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """The status an outcomes helper (unsupported, not_run, inconclusive) gave, beside the report. A crash
+    inside torch or transformers in a suite test fails with one line naming the exception and its first
+    meaningful line (not hundreds of lines of inductor IR); -vv shows the whole traceback."""
+    report = yield
+    excinfo = call.excinfo
+    status = outcomes.status_of_exception(excinfo.value if excinfo else None)
+    if status is not None:
+        report.user_properties.append((outcomes.PROPERTY, status.value))
+    if (
+        report.failed
+        and excinfo is not None
+        and "llmopt_case" in getattr(item, "fixturenames", ())
+        and item.config.get_verbosity() < 2
+        and not isinstance(excinfo.value, (AssertionError, pytest.fail.Exception))
+    ):
+        from .cases import summary_line
+
+        report.longrepr = f"{summary_line(excinfo.value)}\n  (the full traceback: run again with -vv)"
+    return report
 
 
 @pytest.hookimpl(wrapper=True)
@@ -163,25 +221,6 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, Any, Any]:
         raise pytest.fail.Exception(f"out of GPU memory: {str(exc).splitlines()[0]}", pytrace=False) from None
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    """A crash inside torch or transformers in a suite test fails with one line naming the exception and its
-    first meaningful line (not hundreds of lines of inductor IR); -vv shows the whole traceback."""
-    report = yield
-    excinfo = call.excinfo
-    if (
-        report.failed
-        and excinfo is not None
-        and "llmopt_case" in getattr(item, "fixturenames", ())
-        and item.config.get_verbosity() < 2
-        and not isinstance(excinfo.value, (AssertionError, pytest.fail.Exception))
-    ):
-        from .cases import summary_line
-
-        report.longrepr = f"{summary_line(excinfo.value)}\n  (the full traceback: run again with -vv)"
-    return report
-
-
 @pytest.fixture(scope="session")
 def llmopt_session(pytestconfig: pytest.Config) -> LlmoptSession:
     """Settings, models, prompts, machine and model store of this session."""
@@ -189,7 +228,7 @@ def llmopt_session(pytestconfig: pytest.Config) -> LlmoptSession:
 
 
 @pytest.fixture
-def llmopt_case(request: pytest.FixtureRequest, llmopt_session: LlmoptSession) -> Any:
+def llmopt_case(request: pytest.FixtureRequest, llmopt_session: LlmoptSession) -> Case:
     """The model x variant this test instance checks (a cases.Case)."""
     from .cases import Case
 

@@ -1,16 +1,20 @@
 """The compatibility report as a person reads it: a model x optimization matrix, then what failed, what
 is unsupported and why, and the measured figures. Markdown (a PR comment, a CI step summary) and a
-self-contained HTML page (colored matrix; click a cell to see its checks)."""
+self-contained HTML page (colored matrix; click a cell to see its checks). ``write`` writes a report
+file in any of the three formats (JSON from report.to_document)."""
 
 from __future__ import annotations
 
 import html as html_lib
+import json
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from .report import Result
+from .outcomes import Status
+from .report import ReportError, Result, to_document
 
 SUITE_NAMES = {
     "static_cache": "static cache",
@@ -48,13 +52,13 @@ MARK = {"pass": "✅", "fail": "❌", "unsupported": "⚪", "skipped": "⏭", "k
 # The HTML page says it in words: the cell's color carries the state, and no emoji font is needed.
 WORD = {"pass": "pass", "fail": "FAIL", "unsupported": "unsupported", "skipped": "not run", "known": "known issue", "empty": "·"}
 STATUS_WORD = {
-    "failed": "failed",
-    "known-issue-passed": "passed (known issue not hit)",
-    "passed": "passed",
-    "known-issue": "known issue",
-    "inconclusive": "inconclusive",
-    "unsupported": "unsupported",
-    "skipped": "not run",
+    Status.FAILED: "failed",
+    Status.KNOWN_ISSUE_PASSED: "passed (known issue not hit)",
+    Status.PASSED: "passed",
+    Status.KNOWN_ISSUE: "known issue",
+    Status.INCONCLUSIVE: "inconclusive",
+    Status.UNSUPPORTED: "unsupported",
+    Status.NOT_RUN: "not run",
 }
 
 
@@ -72,31 +76,29 @@ class Cell:
 
     results: list[Result] = field(default_factory=list)
 
-    def count(self, *statuses: str) -> int:
+    def count(self, *statuses: Status) -> int:
         return sum(1 for r in self.results if r.status in statuses)
 
     @property
     def state(self) -> str:
         if not self.results:
             return "empty"
-        if self.count("failed"):
+        if self.count(Status.FAILED):
             return "fail"
-        if self.count("passed", "known-issue-passed"):
+        if self.count(Status.PASSED, Status.KNOWN_ISSUE_PASSED):
             return "pass"
-        if self.count("known-issue"):
+        if self.count(Status.KNOWN_ISSUE):
             return "known"
-        if self.count("unsupported") and not self.count("skipped", "inconclusive"):
-            return "unsupported"
-        return "skipped" if not self.count("unsupported") else "unsupported"
+        return "unsupported" if self.count(Status.UNSUPPORTED) else "skipped"
 
     def text(self, marks: dict[str, str] = MARK) -> str:
         """'✅ 9/9 · 2 unsupported · 3 not run' - counts over the checks that ran."""
-        ran = self.count("passed", "failed", "known-issue-passed")
+        ran = self.count(Status.PASSED, Status.FAILED, Status.KNOWN_ISSUE_PASSED)
         if ran:
-            parts = [f"{marks[self.state]} {self.count('passed', 'known-issue-passed')}/{ran}"]
+            parts = [f"{marks[self.state]} {self.count(Status.PASSED, Status.KNOWN_ISSUE_PASSED)}/{ran}"]
         else:  # nothing ran: the counts below say it; words would only repeat them
             parts = [] if marks is WORD else [marks[self.state]]
-        for status, word in (("known-issue", "known issue"), ("unsupported", "unsupported"), ("skipped", "not run"), ("inconclusive", "inconclusive")):
+        for status, word in ((Status.KNOWN_ISSUE, "known issue"), (Status.UNSUPPORTED, "unsupported"), (Status.NOT_RUN, "not run"), (Status.INCONCLUSIVE, "inconclusive")):
             n = self.count(status)
             if n:
                 parts.append(f"{n} {word}")
@@ -109,8 +111,7 @@ class Cell:
         """The one figure that says most about this optimization."""
         # Acceptance of a realistic draft (not the self/contrarian controls, which are 100 % / 0 % by design).
         for check, label in HEADLINE_DRAFTS:
-            values = [r.metrics.get("acceptance_rate") for r in self.results if r.check == check]
-            values = [v for v in values if isinstance(v, (int, float))]
+            values = [v for r in self.results if r.check == check and isinstance(v := r.metrics.get("acceptance_rate"), (int, float))]
             if values:
                 return f"{label} {max(values):.0%} accepted"
         speedups = [r.metrics["speedup"] for r in self.results if isinstance(r.metrics.get("speedup"), (int, float))]
@@ -183,12 +184,12 @@ def markdown(results: list[Result], envs: list[dict[str, Any]], limit: int = 150
         "⏭ not run on this machine (needs CUDA, flash-attn, ...) · 🐞 known upstream issue",
         "",
     ]
-    failed = [r for r in results if r.status == "failed"]
+    failed = [r for r in results if r.status == Status.FAILED]
     if failed:
         lines += [f"### ❌ Failures ({len(failed)})", "", "| model | check | variant | what broke |", "|---|---|---|---|"]
         lines += [f"| {_md(r.model)} | {_md(r.check)} | `{_md(r.variant)}` | {_md(r.reason or '')} |" for r in failed[:limit]]
         lines.append("")
-    for status, title in (("unsupported", "⚪ Unsupported"), ("known-issue", "🐞 Known upstream issues"), ("skipped", "⏭ Not run here")):
+    for status, title in ((Status.UNSUPPORTED, "⚪ Unsupported"), (Status.KNOWN_ISSUE, "🐞 Known upstream issues"), (Status.NOT_RUN, "⏭ Not run here")):
         chosen = [r for r in results if r.status == status]
         if not chosen:
             continue
@@ -271,9 +272,27 @@ def html(results: list[Result], envs: list[dict[str, Any]]) -> str:
         detail = " — ".join(x for x in (figures, r.reason or "") if x)
         check = r.check + (f" ({r.extra})" if r.extra else "")
         out.append(
-            f"<tr data-model='{e(r.model)}' data-suite='{e(r.suite)}' data-status='{e(r.status)}'><td>{e(r.model)}</td><td>{e(SUITE_NAMES.get(r.suite, r.suite))}</td>"
-            f"<td>{e(check)}</td><td><code>{e(r.variant)}</code></td><td><span class='badge b-{e(r.status)}'>{e(STATUS_WORD.get(r.status, r.status))}</span></td>"
+            f"<tr data-model='{e(r.model)}' data-suite='{e(r.suite)}' data-status='{e(r.status.value)}'><td>{e(r.model)}</td><td>{e(SUITE_NAMES.get(r.suite, r.suite))}</td>"
+            f"<td>{e(check)}</td><td><code>{e(r.variant)}</code></td><td><span class='badge b-{e(r.status.value)}'>{e(STATUS_WORD[r.status])}</span></td>"
             f"<td class='reason'>{e(detail)}</td></tr>"
         )
     out.append(f"</tbody></table><script>{SCRIPT}</script></body></html>")
     return "\n".join(out)
+
+
+def write(path: Path, results: list[Result], envs: list[dict[str, Any]]) -> None:
+    """Write ``results`` as JSON, Markdown or HTML, by the file's extension."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        env = envs[0] if len(envs) == 1 else {"merged": envs}
+        text = json.dumps(to_document(results, env), indent=1, sort_keys=False) + "\n"
+    elif suffix == ".md":
+        text = markdown(results, envs)
+    elif suffix == ".html":
+        text = html(results, envs)
+    else:
+        raise ReportError(f"{path}: the extension must be .json, .md or .html")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)

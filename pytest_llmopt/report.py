@@ -3,29 +3,33 @@
 Each suite test carries a ``llmopt`` user property: its model, variant and check are set at collection
 (so a test skipped before it runs still says what it was), and figures are merged in while it runs
 (``record``). pytest-xdist ships user properties with every report, so the controller builds the
-results of the whole run from the reports alone. Status is read from the report:
-
-  passed, failed (also errors), skipped, unsupported (by the model, torch or transformers: a skip reason
-  starting "unsupported by"), inconclusive (a skip reason starting "inconclusive"), known-issue (xfail),
-  known-issue-passed (xpass).
+results of the whole run from the reports alone. The status (outcomes.Status) is read from the report:
+passed, failed (also errors), known-issue (xfail), known-issue-passed (xpass); a skip is what the test
+said with the outcomes helpers (unsupported, not run, inconclusive: a user property of the report) or,
+skipped at collection, what the plugin decided then (the ``skipped_as`` label); any other skip is
+"not run". No reason text is parsed.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import platform
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pytest
+from .outcomes import PROPERTY as STATUS_PROPERTY
+from .outcomes import Status, status_from
+
+if TYPE_CHECKING:  # `llmopt compare` runs without pytest installed (the tox gate env)
+    import pytest
 
 PROPERTY = "llmopt"
 SCHEMA = 1
-STATUSES = ("failed", "known-issue-passed", "passed", "known-issue", "inconclusive", "unsupported", "skipped")
+STATUSES = tuple(Status)  # the order of the summary
 
 
 def record(node: pytest.Item, **metrics: Any) -> None:
@@ -37,15 +41,17 @@ def record(node: pytest.Item, **metrics: Any) -> None:
     node.user_properties.append((PROPERTY, {"metrics": dict(metrics)}))
 
 
-def describe_item(node: pytest.Item, model: str, variant: str, extra: str | None) -> None:
-    """Label a collected suite test with what it checks (before it runs, so skips are labelled too)."""
+def describe_item(node: pytest.Item, model: str, variant: str, extra: str | None, skipped_as: Status | None = None) -> None:
+    """Label a collected suite test with what it checks (before it runs, so skips are labelled too), and
+    the status of a skip decided at collection."""
     suite = Path(str(node.fspath)).stem.removeprefix("test_")
     check = getattr(node, "originalname", node.name)
+    label = {"suite": suite, "check": check, "model": model, "variant": variant, "extra": extra, "skipped_as": skipped_as.value if skipped_as else None}
     for name, value in node.user_properties:
         if name == PROPERTY and isinstance(value, dict):
-            value.update(suite=suite, check=check, model=model, variant=variant, extra=extra)
+            value.update(label)
             return
-    node.user_properties.append((PROPERTY, {"suite": suite, "check": check, "model": model, "variant": variant, "extra": extra, "metrics": {}}))
+    node.user_properties.append((PROPERTY, {**label, "metrics": {}}))
 
 
 @dataclass
@@ -54,12 +60,15 @@ class Result:
     check: str
     model: str
     variant: str
-    status: str
+    status: Status
     extra: str | None = None
     reason: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     nodeid: str = ""
     seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.status = Status(self.status)  # also from the plain strings of a JSON report
 
     @property
     def key(self) -> str:
@@ -67,27 +76,25 @@ class Result:
         return f"{self.suite}::{self.check}[{self.variant}@{self.model}{'-' + self.extra if self.extra else ''}]"
 
 
-def status_of(report: pytest.TestReport) -> tuple[str, str | None]:
-    """Outcome and one-line reason of a report (the phase that decided it)."""
+def status_of(report: pytest.TestReport, skipped_as: Status | None = None) -> tuple[Status, str | None]:
+    """Outcome and one-line reason of a report (the phase that decided it); ``skipped_as``: the status of
+    a skip decided at collection."""
     if hasattr(report, "wasxfail"):
         if report.skipped:
-            return "known-issue", str(report.wasxfail) or None
-        return "known-issue-passed", str(report.wasxfail) or None
+            return Status.KNOWN_ISSUE, str(report.wasxfail) or None
+        return Status.KNOWN_ISSUE_PASSED, str(report.wasxfail) or None
     if report.skipped:
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         reason = reason.removeprefix("Skipped: ")
-        if reason.startswith("unsupported by"):
-            return "unsupported", reason
-        if reason.startswith("inconclusive"):
-            return "inconclusive", reason
-        return "skipped", reason
+        said = next((status_from(value) for name, value in report.user_properties if name == STATUS_PROPERTY), None)
+        return said or skipped_as or Status.NOT_RUN, reason
     if report.failed:
         text = getattr(report, "longreprtext", "") or str(report.longrepr)
         # xdist prefixes the worker ("[gw1] linux -- Python 3.11 ...") to a failure's text
         lines = [line for line in text.splitlines() if line.strip() and not re.match(r"^\[gw\d+\] ", line)]
         first = next((line for line in lines if line.startswith("E ")), lines[0] if lines else "")
-        return "failed", first.removeprefix("E").strip()[:500]
-    return "passed", None
+        return Status.FAILED, first.removeprefix("E").strip()[:500]
+    return Status.PASSED, None
 
 
 class Collector:
@@ -103,9 +110,9 @@ class Collector:
         decided = report.when == "call" or (report.when == "setup" and not report.passed) or (report.when == "teardown" and report.failed)
         if not decided:
             return
-        status, reason = status_of(report)
+        status, reason = status_of(report, status_from(props.get("skipped_as")))
         existing = self.results.get(report.nodeid)
-        if existing is not None and existing.status == "failed":
+        if existing is not None and existing.status == Status.FAILED:
             return  # a teardown never turns a failure into something else
         self.results[report.nodeid] = Result(
             suite=props["suite"],
@@ -167,9 +174,9 @@ def to_document(results: list[Result], env: dict[str, Any]) -> dict[str, Any]:
 
 
 def summary(results: list[Result]) -> dict[str, int]:
-    counts = {status: 0 for status in STATUSES}
+    counts = {status.value: 0 for status in STATUSES}
     for r in results:
-        counts[r.status] = counts.get(r.status, 0) + 1
+        counts[r.status.value] += 1
     return counts
 
 
@@ -194,25 +201,8 @@ def load(path: Path) -> tuple[list[Result], dict[str, Any]]:
     for number, item in enumerate(doc["results"], 1):
         if not isinstance(item, dict) or not {"suite", "check", "model", "variant", "status"} <= set(item):
             raise ReportError(f"{path}: result {number} lacks suite/check/model/variant/status")
-        results.append(Result(**{k: v for k, v in item.items() if k in fields}))
+        status = status_from(item["status"])
+        if status is None:
+            raise ReportError(f"{path}: result {number} has an unknown status {item['status']!r} (known: {', '.join(s.value for s in Status)})")
+        results.append(Result(**{**{k: v for k, v in item.items() if k in fields}, "status": status}))
     return results, doc.get("environment", {})
-
-
-def write(path: Path, results: list[Result], envs: list[dict[str, Any]]) -> None:
-    """Write ``results`` as JSON, Markdown or HTML, by the file's extension."""
-    from . import render
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = path.suffix.lower()
-    if suffix == ".json":
-        env = envs[0] if len(envs) == 1 else {"merged": envs}
-        text = json.dumps(to_document(results, env), indent=1, sort_keys=False) + "\n"
-    elif suffix == ".md":
-        text = render.markdown(results, envs)
-    elif suffix == ".html":
-        text = render.html(results, envs)
-    else:
-        raise ReportError(f"{path}: the extension must be .json, .md or .html")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)

@@ -13,10 +13,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import pytest
 import torch
 
-from . import compat
+from . import compat, outcomes
 from .equivalence import Generation
 from .machine import Machine
 from .models import Loaded, ModelSpec, ModelStore
@@ -67,11 +66,11 @@ class Runner:
             try:
                 yield
             except (ValueError, RuntimeError) as exc:
-                reason = compat.refusal(exc, self.variant.sdpa_backend)
+                reason = outcomes.refusal(exc, self.variant.sdpa_backend)
                 if reason is None:
                     raise
                 said = [str(w.message).split(" (Triggered internally")[0] for w in seen if "kernel" in str(w.message) or "support" in str(w.message)]
-                pytest.skip(reason + (f"; torch says: {'; '.join(dict.fromkeys(said))}" if said else ""))
+                outcomes.unsupported(reason + (f"; torch says: {'; '.join(dict.fromkeys(said))}" if said else ""))
         for w in seen:  # not a refusal: hand the warnings on as pytest would have seen them
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 

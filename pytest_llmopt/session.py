@@ -1,13 +1,13 @@
 """What one pytest session knows: its settings, its models and prompts, the machine, the model store.
 
-Built at configure time from the settings. The machine is probed at configure time too (a device
-that does not exist is a usage error); the model store is made on first use.
+Built by the plugin when llmopt is asked for (at configure time) or first needed; the machine is probed
+then too (a device that does not exist is a usage error); the model store is made on first use.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -16,6 +16,10 @@ from .models import ModelSpec
 from .prompts import Prompt
 from .settings import Settings
 
+if TYPE_CHECKING:
+    from .machine import Machine
+    from .models import ModelStore
+
 
 @dataclass
 class LlmoptSession:
@@ -23,12 +27,12 @@ class LlmoptSession:
     models: tuple[ModelSpec, ...]
     assistant: ModelSpec | None
     prompts: tuple[Prompt, ...]
-    _machine: Any = field(default=None, repr=False)
-    _store: Any = field(default=None, repr=False)
+    _machine: Machine | None = field(default=None, repr=False)
+    _store: ModelStore | None = field(default=None, repr=False)
 
     @property
-    def machine(self) -> Any:
-        """machine.Machine, probed once (raises UsageError for a device that does not exist)."""
+    def machine(self) -> Machine:
+        """The machine, probed once (raises UsageError for a device that does not exist)."""
         if self._machine is None:
             from . import machine
 
@@ -39,8 +43,8 @@ class LlmoptSession:
         return self._machine
 
     @property
-    def store(self) -> Any:
-        """models.ModelStore of this session (one per process: each xdist worker has its own)."""
+    def store(self) -> ModelStore:
+        """The model store of this session (one per process: each xdist worker has its own)."""
         if self._store is None:
             from . import compat
 

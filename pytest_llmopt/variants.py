@@ -170,7 +170,7 @@ def matrix(dtype: str = "float32", **axes: Iterable[str] | str) -> list[Variant]
         raise ValueError(f"unknown axis {sorted(unknown)}; known: {', '.join(AXES)}")
     names = list(AXES)
     choices = [
-        [axes[name]] if isinstance(axes.get(name), str) else list(axes.get(name, [getattr(Variant(), name)]))  # type: ignore[arg-type]
+        [axes[name]] if isinstance(axes.get(name), str) else list(axes.get(name, [getattr(Variant(), name)]))
         for name in names
     ]
     out: list[Variant] = []

@@ -13,7 +13,7 @@ import contextlib
 
 import pytest
 
-from pytest_llmopt.compat import count_compiled_calls
+from pytest_llmopt.instrumentation import count_compiled_calls
 from pytest_llmopt.measure import watch_compiles
 
 TO_EAGER = {"cache": "dynamic", "compile": "off"}

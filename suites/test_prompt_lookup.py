@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_llmopt.compat import track_drafts
+from pytest_llmopt.instrumentation import track_drafts
 from pytest_llmopt.prompts import grounded
 
 LOOKUP = {"prompt_lookup_num_tokens": 4, "max_matching_ngram_size": 2}
 SAMPLES, SAMPLE_TOKENS = 50, 32  # 1,600 PIT values in 50 generate calls (each token of a continuation is its own value)
 
 
-@pytest.mark.llmopt(cache=["dynamic", "static"], reference={"cache": "dynamic"})
+@pytest.mark.llmopt(cache=["dynamic", "static"], reference={"cache": "dynamic"}, known_issues=["prompt-lookup-overruns-static-cache"])
 def test_greedy_matches_plain_greedy(llmopt_case):
     """Greedy with prompt lookup equals plain greedy on every grounded prompt; acceptance is recorded."""
     case = llmopt_case

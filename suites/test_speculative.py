@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_llmopt import assistants, zoo
-from pytest_llmopt.compat import early_exit_unsupported, layers_restored, track_drafts
+from pytest_llmopt import assistants, outcomes, zoo
+from pytest_llmopt.compat import early_exit_unsupported, layers_restored
+from pytest_llmopt.instrumentation import track_drafts
 
 SAMPLES, SAMPLE_TOKENS = 50, 32  # 1,600 PIT values in 50 generate calls (each token of a continuation is its own value)
 
@@ -43,7 +44,7 @@ def test_self_draft_is_always_accepted(llmopt_case):
     # A self-draft is rejected only on a near-tie between the one-token draft kernel and the multi-token
     # verification kernel: never seen in float32; 8.6 % of drafts on the H100 in bfloat16 with the flat
     # logits of a random 1B model. A broken verification accepts about none.
-    floor = 0.9 if case.session.machine.dtype == "float32" else 0.5
+    floor = 0.9 if case.dtype == "float32" else 0.5
     assert drafts.acceptance_rate >= floor, (
         f"{case.label}: the model drafting for itself had only {drafts.accepted}/{drafts.proposed} drafts accepted "
         f"({drafts.acceptance_rate:.0%}, expected at least {floor:.0%}); verification disagrees with the draft's own greedy choice"
@@ -62,17 +63,17 @@ def test_contrarian_draft_is_always_rejected(llmopt_case):
     )
 
 
-@pytest.mark.llmopt(reference={})
+@pytest.mark.llmopt(reference={}, known_issues=["early-exit-drops-is-first-iteration"])
 def test_early_exit_self_speculation(llmopt_case):
     """assistant_early_exit (the first half of the layers drafts): output equals plain greedy."""
     case = llmopt_case
     target = case.target
     reason = early_exit_unsupported(target.model)
     if reason:
-        pytest.skip(reason)
+        outcomes.unsupported(reason)
     layers = getattr(target.model.config.get_text_config(), "num_hidden_layers", None)
     if not layers or layers < 2:
-        pytest.skip(f"unsupported by the model: {layers} layer(s), nothing to exit early from")
+        outcomes.unsupported(f"unsupported by the model: {layers} layer(s), nothing to exit early from")
     with layers_restored(target.model):
         _greedy_with(case, target, f"early exit after {layers // 2} layers", assistant_early_exit=layers // 2)
 
@@ -82,21 +83,21 @@ def test_user_assistant(llmopt_case):
     """Your --llmopt-assistant drafting for each model: output equals plain greedy (universal assisted
     decoding when the tokenizers differ)."""
     case = llmopt_case
-    spec = case.session.assistant
+    spec = case.assistant
     if spec is None:
-        pytest.skip("no assistant given: pass --llmopt-assistant=MODEL to check your draft model")
+        outcomes.not_run("no assistant given: pass --llmopt-assistant=MODEL to check your draft model")
     target = case.target
     draft = case.runner(spec=spec)
     _greedy_with(case, target, f"assistant {spec.name}", **_assistant_kwargs(target, draft))
 
 
-@pytest.mark.llmopt(reference={})
+@pytest.mark.llmopt(reference={}, known_issues=["universal-draft-gets-target-inputs"])
 def test_universal_assisted_decoding(llmopt_case):
     """A draft with another tokenizer (universal assisted decoding re-tokenizes between the two):
     output equals plain greedy."""
     case = llmopt_case
     target = case.target
-    spec = case.session.assistant
+    spec = case.assistant
     if spec is None or _same_vocabulary(target.tokenizer, case.runner(spec=spec).tokenizer):
         spec = _other_tokenizer_builtin(case, target)
     draft = case.runner(spec=spec)
@@ -130,6 +131,6 @@ def _other_tokenizer_builtin(case, target):
 
     for name in (zoo.DEFAULT_ASSISTANT_OTHER_TOKENIZER, zoo.DEFAULT_MODEL):
         spec = ModelSpec(name, "builtin")
-        if not _same_vocabulary(target.tokenizer, case.session.store.tokenizer(spec)):
+        if not _same_vocabulary(target.tokenizer, case.tokenizer(spec)):
             return spec
-    pytest.skip("no built-in model with another tokenizer than the target's")
+    outcomes.not_run("no built-in model with another tokenizer than the target's")

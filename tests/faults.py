@@ -126,5 +126,5 @@ def _patch_source(mp: pytest.MonkeyPatch, module: Any, owner: type, name: str, o
     if old not in source:
         raise LookupError(f"{owner.__name__}.{name} of this transformers has no line {old!r} to patch")
     namespace: dict[str, Any] = {}
-    exec(compile(source.replace(old, new), f"<fault in {name}>", "exec"), vars(module).copy(), namespace)  # noqa: S102
+    exec(compile(source.replace(old, new), f"<fault in {name}>", "exec"), vars(module).copy(), namespace)
     mp.setattr(owner, name, namespace[name])

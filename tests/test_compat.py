@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers.generation import candidate_generator as cg
 
-from pytest_llmopt import compat
+from pytest_llmopt import compat, known_issues, outcomes
 
 
 class _Cache454:
@@ -76,7 +76,7 @@ def test_static_cache_of_the_installed_release_has_the_asked_length():
     ids=["transformers-refuses", "sdpa-backend-has-no-kernel", "flex-cpu-lse"],
 )
 def test_refusals_are_told_apart_from_errors(exc, backend, fragment):
-    reason = compat.refusal(exc, backend)
+    reason = outcomes.refusal(exc, backend)
     assert reason is not None and fragment in reason
 
 
@@ -86,7 +86,7 @@ def test_refusals_are_told_apart_from_errors(exc, backend, fragment):
     ids=["real-error", "no-kernel-without-a-pinned-backend", "other-value-error"],
 )
 def test_real_errors_are_not_refusals(exc):
-    assert compat.refusal(exc, None) is None
+    assert outcomes.refusal(exc, None) is None
 
 
 def _needs(name: str) -> None:
@@ -101,7 +101,7 @@ def test_universal_draft_probe_sees_the_5_0_prefill_path(monkeypatch):
         return {}
 
     monkeypatch.setattr(cg.AssistedCandidateGenerator, "_prepare_generation_args", prepare, raising=False)
-    assert compat._universal_draft_gets_target_inputs()
+    assert known_issues._universal_draft_gets_target_inputs()
 
 
 def test_universal_draft_probe_sees_position_ids_kept_and_dropped(monkeypatch):
@@ -120,9 +120,9 @@ def test_universal_draft_probe_sees_position_ids_kept_and_dropped(monkeypatch):
     monkeypatch.setattr(cg.AssistedCandidateGenerator, "_prepare_generation_args", prepare, raising=False)
     monkeypatch.setattr(cg, "_prepare_position_ids", lambda *a: None, raising=False)
     monkeypatch.setattr(cg.AssistedCandidateGeneratorDifferentTokenizers, "get_candidates", kept)
-    assert compat._universal_draft_gets_target_inputs()
+    assert known_issues._universal_draft_gets_target_inputs()
     monkeypatch.setattr(cg.AssistedCandidateGeneratorDifferentTokenizers, "get_candidates", dropped)
-    assert not compat._universal_draft_gets_target_inputs()
+    assert not known_issues._universal_draft_gets_target_inputs()
 
 
 def test_early_exit_probe(monkeypatch):
@@ -132,16 +132,16 @@ def test_early_exit_probe(monkeypatch):
         return input_ids, None
 
     def broken(self, input_ids, is_first_iteration):
-        return super().get_candidates(input_ids)  # noqa: F821 - only read as source
+        return super().get_candidates(input_ids)  # only read as source
 
     def fixed(self, input_ids, is_first_iteration):
-        return super().get_candidates(input_ids, is_first_iteration)  # noqa: F821
+        return super().get_candidates(input_ids, is_first_iteration)
 
     monkeypatch.setattr(cg.AssistedCandidateGenerator, "get_candidates", base)
     monkeypatch.setattr(cg.EarlyExitCandidateGenerator, "get_candidates", broken)
-    assert compat._early_exit_drops_first_iteration()
+    assert known_issues._early_exit_drops_first_iteration()
     monkeypatch.setattr(cg.EarlyExitCandidateGenerator, "get_candidates", fixed)
-    assert not compat._early_exit_drops_first_iteration()
+    assert not known_issues._early_exit_drops_first_iteration()
 
 
 def test_instance_overrides_nest_and_restore():
@@ -174,6 +174,21 @@ def test_instance_overrides_nest_and_restore():
 def test_auto_compile_support_by_release(monkeypatch, new_api, cuda_only, device, expected):
     monkeypatch.setattr(compat, "supports_auto_compile", lambda: new_api)
     monkeypatch.setattr(compat, "_auto_compiles_on_cuda_only", lambda: cuda_only)
-    reason = compat.missing_feature("auto", "static", device)
+    reason = compat.missing_feature("auto", device)
     assert reason is None if expected is None else expected in reason
-    assert compat.missing_feature("off", "static", device) is None
+    assert compat.missing_feature("off", device) is None
+
+
+def test_every_known_issue_is_declared_by_a_suite() -> None:
+    """An entry no suite names would never apply: the registry and the markers must agree."""
+    from conftest import SUITES
+
+    text = "".join(path.read_text() for path in SUITES.glob("test_*.py"))
+    assert [issue.id for issue in known_issues.KNOWN_ISSUES if f'"{issue.id}"' not in text] == []
+
+
+def test_a_known_issue_id_missing_from_the_registry_is_a_usage_error(pytester: pytest.Pytester, clean_env: pytest.MonkeyPatch) -> None:
+    pytester.makepyfile("import pytest\n\n@pytest.mark.llmopt(known_issues=['no-such-issue'])\ndef test_x(llmopt_case):\n    pass\n")
+    result = pytester.runpytest()
+    assert result.ret != 0
+    result.stdout.fnmatch_lines(["*known_issues=*no-such-issue* not in pytest_llmopt.known_issues.KNOWN_ISSUES*"])

@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import faults
 import pytest
 
-import faults
 from conftest import SUITES
 
 

@@ -9,6 +9,8 @@ import time
 import pytest
 
 from conftest import shared_model
+from pytest_llmopt.outcomes import Status
+from pytest_llmopt.report import load
 
 SUITE = """
 import pytest
@@ -81,9 +83,16 @@ def test_requirement_markers_are_applied(suite: pytest.Pytester) -> None:
 
 
 def test_model_without_capability_is_unsupported_not_failed(suite: pytest.Pytester) -> None:
-    result = suite.runpytest("-rs", "--llmopt-model=tiny-gptneo", "-k", "test_compile or test_cache")
+    result = suite.runpytest("-rs", "--llmopt-model=tiny-gptneo", "-k", "test_compile or test_cache", "--llmopt-report=r.json")
     result.stdout.fnmatch_lines(["*unsupported by the model: GPTNeoForCausalLM does not declare _can_compile_fullgraph*"])
     result.assert_outcomes(passed=1, skipped=3)
+    statuses = {(r.check, r.variant): r.status for r in load(suite.path / "r.json")[0]}
+    assert statuses == {
+        ("test_cache", "dynamic/eager/fp32"): Status.PASSED,
+        ("test_cache", "static/eager/fp32"): Status.UNSUPPORTED,
+        ("test_compile", "static+compile/eager/fp32"): Status.UNSUPPORTED,
+        ("test_compile", "static+compile:reduce-overhead/eager/fp32"): Status.NOT_RUN,  # needs CUDA, checked first
+    }
 
 
 def test_variant_selection_deselects(suite: pytest.Pytester) -> None:
@@ -187,9 +196,9 @@ def test_out_of_memory_fails_one_test_with_one_line(suite: pytest.Pytester) -> N
 
 def test_real_model_loads_through_the_local_folder_path(suite: pytest.Pytester) -> None:
     path = shared_model("tinystories-656k")
-    result = suite.runpytest("-q", f"--llmopt-model={path}", "-k", "test_cache")
+    result = suite.runpytest(f"--llmopt-model={path}", "-k", "test_cache")
     result.assert_outcomes(passed=2)
-    result.stdout.fnmatch_lines(["*"])
+    result.stdout.fnmatch_lines(["llmopt: models tinystories-656k"])
     collected = suite.runpytest("--collect-only", "-q", f"--llmopt-model={path}", "-k", "test_cache")
     collected.stdout.fnmatch_lines(["*test_cache[[]dynamic/sdpa/fp32@tinystories-656k[]]"])
 

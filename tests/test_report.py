@@ -8,11 +8,14 @@ from pathlib import Path
 import pytest
 
 from pytest_llmopt.cli import compare, main
+from pytest_llmopt.outcomes import Status
 from pytest_llmopt.render import markdown
-from pytest_llmopt.report import Result, load
+from pytest_llmopt.report import ReportError, Result, load
 
 SUITE = """
 import pytest
+
+from pytest_llmopt import outcomes
 
 @pytest.mark.llmopt(cache=["dynamic", "static"], reference={"cache": "dynamic"})
 def test_passes(llmopt_case):
@@ -25,12 +28,16 @@ def test_fails(llmopt_case):
 
 @pytest.mark.llmopt()
 def test_unsupported(llmopt_case):
-    pytest.skip("unsupported by the model: TinyForCausalLM does not declare _supports_x")
+    outcomes.unsupported("unsupported by the model: TinyForCausalLM does not declare _supports_x")
+
+@pytest.mark.llmopt()
+def test_prose_is_not_parsed(llmopt_case):
+    pytest.skip("unsupported by the model, says a plain skip")
 
 @pytest.mark.llmopt()
 @pytest.mark.parametrize("kind", ["a", "b"])
 def test_inconclusive(llmopt_case, kind):
-    pytest.skip("inconclusive: nothing to compare")
+    outcomes.inconclusive("inconclusive: nothing to compare")
 
 def test_not_a_suite_test():
     pass
@@ -50,7 +57,7 @@ def _results(path: Path) -> dict[str, Result]:
 
 def test_json_report_records_status_reason_and_figures(suite: pytest.Pytester) -> None:
     result = suite.runpytest("--llmopt-report=out/r.json")
-    result.assert_outcomes(passed=3, failed=1, skipped=4)
+    result.assert_outcomes(passed=3, failed=1, skipped=5)
     result.stdout.fnmatch_lines(["*llmopt: model x optimization*", "tiny-llama  optim          FAIL 2/3 *", "report written to *r.json"])
     found = _results(suite.path / "out" / "r.json")
     assert found["optim::test_passes[static/sdpa/fp32@tiny-llama]"].status == "passed"
@@ -60,8 +67,10 @@ def test_json_report_records_status_reason_and_figures(suite: pytest.Pytester) -
     skipped = found["optim::test_fails[dynamic/sdpa:flash/fp32@tiny-llama]"]
     assert skipped.status == "skipped" and skipped.reason.startswith("needs CUDA")
     assert found["optim::test_unsupported[dynamic/sdpa/fp32@tiny-llama]"].status == "unsupported"
-    assert found["optim::test_inconclusive[dynamic/sdpa/fp32@tiny-llama-b]"].status == "inconclusive"
-    assert len(found) == 7  # the plain test is not an llmopt check
+    assert found["optim::test_inconclusive[dynamic/sdpa/fp32@tiny-llama-b]"].status == Status.INCONCLUSIVE
+    # Only the outcomes helpers say "unsupported": a plain skip is "not run", whatever its words.
+    assert found["optim::test_prose_is_not_parsed[dynamic/sdpa/fp32@tiny-llama]"].status == Status.NOT_RUN
+    assert len(found) == 8  # the plain test is not an llmopt check
     doc = json.loads((suite.path / "out" / "r.json").read_text())
     assert doc["environment"]["versions"]["transformers"] and doc["environment"]["device"] == "cpu"
     assert doc["summary"]["failed"] == 1 and doc["summary"]["passed"] == 2
@@ -75,7 +84,7 @@ def _comparable(path: Path) -> list[tuple]:
 def test_xdist_gives_the_same_report_as_a_serial_run(suite: pytest.Pytester) -> None:
     suite.runpytest("--llmopt-report=serial.json")
     parallel = suite.runpytest_subprocess("-n", "2", "--llmopt-report=parallel.json", "-p", "xdist")
-    parallel.assert_outcomes(passed=3, failed=1, skipped=4)
+    parallel.assert_outcomes(passed=3, failed=1, skipped=5)
     assert _comparable(suite.path / "serial.json") == _comparable(suite.path / "parallel.json")
 
 
@@ -130,17 +139,21 @@ def _write(path: Path, results: list[Result]) -> Path:
 
 
 def test_cli_exit_status_and_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    base = _write(tmp_path / "a.json", [_result(acceptance_rate=0.9), Result("attention", "test_y", "m", "v", "passed")])
-    same = _write(tmp_path / "b.json", [_result(acceptance_rate=0.9), Result("attention", "test_y", "m", "v", "passed")])
-    worse = _write(tmp_path / "c.json", [_result(acceptance_rate=0.5), Result("attention", "test_y", "m", "v", "failed", reason="boom")])
+    fixed = Result("attention", "test_z", "m", "v", "failed", reason="old bug")
+    base = _write(tmp_path / "a.json", [_result(acceptance_rate=0.9), Result("attention", "test_y", "m", "v", "passed"), fixed])
+    same = _write(tmp_path / "b.json", [_result(acceptance_rate=0.9), Result("attention", "test_y", "m", "v", "passed"), fixed])
+    worse = _write(
+        tmp_path / "c.json",
+        [_result(acceptance_rate=0.5), Result("attention", "test_y", "m", "v", "failed", reason="boom"), Result("attention", "test_z", "m", "v", "passed")],
+    )
     assert main(["compare", str(base), str(same)]) == 0
     assert "PASS" in capsys.readouterr().out
     summary = tmp_path / "summary.md"
     assert main(["compare", str(base), str(worse), "-o", str(summary)]) == 1
     out = capsys.readouterr().out
-    lines = [line for line in out.splitlines() if line.startswith("| ❌")]
-    assert len(lines) == 2 and "new failure" in out and "acceptance_rate" in out
-    assert out.index("❌") < out.index("unchanged") or "0 check(s) unchanged" in out
+    rows = [line.split(" | ")[0] for line in out.splitlines() if line.startswith(("| ❌", "| ✅", "| ·"))]
+    assert rows == ["| ❌ regression", "| ❌ regression", "| ✅ improvement"]  # regressions first
+    assert "new failure" in out and "acceptance_rate" in out and "now passes" in out
     assert summary.read_text() == out
 
 
@@ -166,3 +179,16 @@ def test_report_merges_runs_of_several_models(tmp_path: Path) -> None:
 def test_markdown_fits_a_pr_comment():
     results = [Result("attention", f"test_{i}", f"m{i % 7}", "dynamic/sdpa/bf16", "passed", metrics={"max_delta_logit": 0.1}) for i in range(3000)]
     assert len(markdown(results, [{}])) < 65_000  # GitHub's comment limit is 65,536 characters
+
+
+def test_reports_keep_their_status_strings(tmp_path: Path) -> None:
+    """Status is a str-valued enum: JSON holds the same strings as before it existed, and reports
+    written then still load; an unknown status is one clear error."""
+    path = _write(tmp_path / "r.json", [_result("known-issue"), _result("skipped")])
+    assert [r["status"] for r in json.loads(path.read_text())["results"]] == ["known-issue", "skipped"]
+    assert [r.status for r in load(path)[0]] == [Status.KNOWN_ISSUE, Status.NOT_RUN]
+    doc = json.loads(path.read_text())
+    doc["results"][0]["status"] = "exploded"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ReportError, match="unknown status 'exploded'"):
+        load(path)

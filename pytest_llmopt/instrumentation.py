@@ -1,0 +1,88 @@
+"""Instrumentation of transformers' generate(): proof that a path did its work (compiled forward calls,
+draft tokens proposed and accepted). The checks use these counters to refuse a pass earned by a path
+that never ran."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import GenerationMixin
+
+from .compat import _instance_override
+
+
+@contextlib.contextmanager
+def count_compiled_calls(model: Any) -> Iterator[dict[str, int]]:
+    """Count forward calls that generate() routes through its compiled callable (``get_compiled_call``),
+    so a check of 'compiled == eager' can prove that compiled code ran at all."""
+    counter = {"calls": 0}
+    original = model.get_compiled_call
+
+    def wrapped(compile_config: Any) -> Any:
+        compiled = original(compile_config)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            counter["calls"] += 1
+            return compiled(*args, **kwargs)
+
+        return call
+
+    with _instance_override(model, "get_compiled_call", wrapped):
+        yield counter
+
+
+@dataclass
+class DraftStats:
+    """Draft tokens proposed and accepted over one or more assisted generate() calls."""
+
+    proposed: int = 0
+    accepted: int = 0
+    steps: int = 0
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted / self.proposed if self.proposed else None
+
+
+@contextlib.contextmanager
+def track_drafts() -> Iterator[DraftStats]:
+    """Count proposed and accepted draft tokens of every candidate generator built meanwhile.
+
+    Wraps ``GenerationMixin._get_candidate_generator`` (present since 4.3x) and, on each generator it
+    returns, ``get_candidates`` (how many tokens were proposed) and ``update_candidate_strategy``
+    (how many of them the target accepted).
+    """
+    stats = DraftStats()
+    original = GenerationMixin._get_candidate_generator
+
+    def patched(self: Any, *args: Any, **kwargs: Any) -> Any:
+        generator: Any = original(self, *args, **kwargs)
+        get_candidates = generator.get_candidates
+        update = generator.update_candidate_strategy
+        pending = {"n": 0}
+
+        def counted_candidates(input_ids: torch.Tensor, *a: Any, **kw: Any) -> Any:
+            candidate_ids, logits = get_candidates(input_ids, *a, **kw)
+            pending["n"] = int(candidate_ids.shape[-1] - input_ids.shape[-1])
+            return candidate_ids, logits
+
+        def counted_update(input_ids: torch.Tensor, scores: torch.Tensor, num_matches: Any) -> Any:
+            stats.proposed += pending["n"]
+            stats.accepted += min(int(num_matches), pending["n"])
+            stats.steps += 1
+            return update(input_ids, scores, num_matches)
+
+        generator.get_candidates = counted_candidates
+        generator.update_candidate_strategy = counted_update
+        return generator
+
+    GenerationMixin._get_candidate_generator = patched  # type: ignore[method-assign]
+    try:
+        yield stats
+    finally:
+        GenerationMixin._get_candidate_generator = original  # type: ignore[method-assign]
+

@@ -1,0 +1,65 @@
+"""The shape of the package: small modules, no import cycles (lazy imports inside functions included;
+imports under TYPE_CHECKING excluded, they never run), and a README that names each module's job."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from conftest import ROOT
+
+PACKAGE = ROOT / "pytest_llmopt"
+MAX_LINES = 420
+
+
+def _modules() -> dict[str, Path]:
+    return {path.stem: path for path in sorted(PACKAGE.glob("*.py")) if path.stem != "__init__"}
+
+
+def _imports(path: Path) -> set[str]:
+    """Sibling modules ``path`` imports, at module level or inside functions."""
+    tree = ast.parse(path.read_text())
+    type_only: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            type_only |= {id(child) for stmt in node.body for child in ast.walk(stmt)}
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in type_only or not isinstance(node, ast.ImportFrom):
+            continue
+        if node.level == 1 and node.module:
+            names.add(node.module.split(".")[0])
+        elif node.level == 1:
+            names |= {alias.name for alias in node.names}
+        elif node.module and node.module.startswith("pytest_llmopt."):
+            names.add(node.module.split(".")[1])
+    return names & set(_modules())
+
+
+def test_no_module_is_too_long() -> None:
+    long = {name: n for name, path in _modules().items() if (n := len(path.read_text().splitlines())) > MAX_LINES}
+    assert long == {}
+
+
+def test_no_import_cycles() -> None:
+    graph = {name: _imports(path) for name, path in _modules().items()}
+    cycles = []
+
+    def visit(name: str, stack: list[str]) -> None:
+        for nxt in sorted(graph[name]):
+            if nxt in stack:
+                cycles.append([*stack[stack.index(nxt) :], nxt])
+            elif nxt not in done:
+                visit(nxt, [*stack, nxt])
+        done.add(name)
+
+    done: set[str] = set()
+    for name in graph:
+        visit(name, [name])
+    assert cycles == []
+
+
+def test_readme_names_every_module() -> None:
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Architecture") :]
+    assert [name for name in _modules() if f"`{name}.py`" not in section] == []
