@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from . import variants
+from . import outcomes, variants
 from .models import ModelSpec
 from .outcomes import UNSUPPORTED_BY_MODEL, Status
 from .session import LlmoptSession
