@@ -53,7 +53,7 @@ def variants_of(marker: pytest.Mark, dtype: str) -> tuple[list[V.Variant], dict[
 
 def params_for(session: LlmoptSession, marker: pytest.Mark, test_name: str) -> list[Any]:
     """pytest.param objects for every (model, variant), with their markers and skip reasons."""
-    from . import compat, models
+    from . import compat, models, quantize
 
     machine = session.machine
     found, overrides = variants_of(marker, machine.dtype)
@@ -68,6 +68,7 @@ def params_for(session: LlmoptSession, marker: pytest.Mark, test_name: str) -> l
             marks: list[Any] = [getattr(pytest.mark, name) for name in variant.markers()]
             reason = skip_reason(variant, machine, info.capabilities, info.class_name)
             reason = reason or compat.missing_feature(variant.compile, variant.cache, machine.device_type)
+            reason = reason or quantize.unsupported(variant)
             if reason:
                 marks.append(pytest.mark.skip(reason=reason))
             issue = compat.known_issue(test_name, variant.cache, variant.attention, machine.device_type)
