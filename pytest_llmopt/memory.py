@@ -139,7 +139,10 @@ def cache_layers(cache: Any) -> list[tuple[Any, Any]]:
 
 
 def _nbytes(t: Any) -> int:
-    return 0 if t is None or not hasattr(t, "nelement") else int(t.nelement() * t.element_size())
+    """Bytes a cache tensor keeps alive: its whole storage (a trimmed view of a long tensor holds it all)."""
+    if t is None or not hasattr(t, "untyped_storage"):
+        return 0
+    return max(int(t.untyped_storage().nbytes()), int(t.nelement() * t.element_size()))
 
 
 def _positions(t: Any) -> int:
