@@ -23,7 +23,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # Bytes per weight of a quantized Linear, as get_memory_footprint counts them.
-BYTES_PER_WEIGHT: dict[str, float] = {"int8": 1.0, "nf4": 0.5, "fp4": 0.5, "nf4-dq": 0.5}
+BYTES_PER_WEIGHT: dict[str, float] = {
+    "int8": 1.0,
+    "nf4": 0.5,
+    "fp4": 0.5,
+    "nf4-dq": 0.5,
+}
 # Quantization state kept outside parameters (not in get_memory_footprint), reported for information:
 # int8: one fp32 scale per output row; 4-bit: one fp32 absmax per block of 64 weights; double quant:
 # one uint8 per block plus one fp32 per 256 blocks.
@@ -42,7 +47,9 @@ class Expected:
     scheme: str
     total_bytes: int
     unquantized_bytes: int  # the same tree with every parameter in the compute dtype
-    quantized_weights: dict[str, int] = field(default_factory=dict)  # weight name -> number of weights
+    quantized_weights: dict[str, int] = field(
+        default_factory=dict
+    )  # weight name -> number of weights
     kept_bytes: int = 0  # parameters and buffers that stay in their dtype (embeddings, head, norms, biases)
     state_bytes: int = 0  # quantization state outside get_memory_footprint
 
@@ -51,10 +58,10 @@ class Expected:
         return self.total_bytes / self.unquantized_bytes
 
 
-def _linear_types() -> tuple[type, ...]:
+def _linear_types() -> tuple[type[Any], ...]:
     import torch
 
-    types: list[type] = [torch.nn.Linear]
+    types: list[type[Any]] = [torch.nn.Linear]
     try:
         from transformers.pytorch_utils import Conv1D
 
@@ -67,10 +74,17 @@ def _linear_types() -> tuple[type, ...]:
 def quantizable_weights(model: Any) -> dict[str, int]:
     """Names of the weights bitsandbytes should quantize (every Linear but the output head and weights
     tied to the input embedding), with their number of weights in the unquantized model."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = (
+        model.get_output_embeddings()
+        if hasattr(model, "get_output_embeddings")
+        else None
+    )
+    embed = (
+        model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    )
     embed_weight = getattr(embed, "weight", None)
     out: dict[str, int] = {}
+    module: Any
     for name, module in model.named_modules():
         if not isinstance(module, _linear_types()) or module is head:
             continue
@@ -96,7 +110,9 @@ def expected(model: Any, scheme: str, compute_bytes: int) -> Expected:
     """The footprint ``model`` (an unquantized module tree: built from a config, on any device, meta
     included) should have once quantized with ``scheme``, its parameters in a ``compute_bytes`` dtype."""
     if scheme not in BYTES_PER_WEIGHT:
-        raise ValueError(f"unknown scheme {scheme!r}; known: {', '.join(BYTES_PER_WEIGHT)}")
+        raise ValueError(
+            f"unknown scheme {scheme!r}; known: {', '.join(BYTES_PER_WEIGHT)}"
+        )
     quantized = quantizable_weights(model)
     total = 0.0
     unquantized = 0
@@ -144,10 +160,14 @@ class Verdict:
     offenders: list[str]
 
 
-def check(quantized_model: Any, want: Expected, footprint: int | None = None, label: str = "") -> Verdict:
+def check(
+    quantized_model: Any, want: Expected, footprint: int | None = None, label: str = ""
+) -> Verdict:
     """The footprint bound: the model's ``get_memory_footprint()`` (or ``footprint``) within
     FOOTPRINT_SLACK of the formula, and no weight that should be quantized stored wider than the scheme."""
-    measured = int(footprint if footprint is not None else quantized_model.get_memory_footprint())
+    measured = int(
+        footprint if footprint is not None else quantized_model.get_memory_footprint()
+    )
     offenders = audit(quantized_model, want)
     limit = want.total_bytes * (1 + FOOTPRINT_SLACK)
     floor = want.total_bytes * (1 - FOOTPRINT_SLACK)
@@ -159,10 +179,18 @@ def check(quantized_model: Any, want: Expected, footprint: int | None = None, la
             f"{1 - FOOTPRINT_SLACK:.4f}x to {1 + FOOTPRINT_SLACK:.4f}x"
         )
     if offenders:
-        shown = ", ".join(offenders[:5]) + (f" and {len(offenders) - 5} more" if len(offenders) > 5 else "")
-        problems.append(f"{len(offenders)} weight(s) that should be {want.scheme} are stored wider: {shown}")
+        shown = ", ".join(offenders[:5]) + (
+            f" and {len(offenders) - 5} more" if len(offenders) > 5 else ""
+        )
+        problems.append(
+            f"{len(offenders)} weight(s) that should be {want.scheme} are stored wider: {shown}"
+        )
     head = f"{label}: " if label else ""
-    message = head + ("; ".join(problems) if problems else f"footprint {_gib(measured)} = {measured / want.unquantized_bytes:.3f}x of unquantized")
+    message = head + (
+        "; ".join(problems)
+        if problems
+        else f"footprint {_gib(measured)} = {measured / want.unquantized_bytes:.3f}x of unquantized"
+    )
     return Verdict(not problems, message, measured, want, offenders)
 
 
@@ -193,17 +221,23 @@ def simulate(model: Any, scheme: str, skip: Iterable[str] = ()) -> Any:
     try:
         from transformers.quantizers.base import get_keys_to_not_convert
     except ImportError:  # older layout
-        from transformers.integrations.bitsandbytes import get_keys_to_not_convert  # type: ignore[no-redef]
+        from transformers.integrations.bitsandbytes import get_keys_to_not_convert  # type: ignore[no-redef,attr-defined]
     keep = set(get_keys_to_not_convert(model)) | set(skip)
+    module: Any
     for name, module in list(model.named_modules()):
-        if not isinstance(module, _linear_types()) or any(name == k or name.endswith("." + k) or name.startswith(k + ".") for k in keep):
+        if not isinstance(module, _linear_types()) or any(
+            name == k or name.endswith("." + k) or name.startswith(k + ".")
+            for k in keep
+        ):
             continue
         weight = module.weight
         numel = int(weight.nelement())
         if scheme == "int8":
             data = torch.zeros(weight.shape, dtype=torch.int8, device=weight.device)
         else:
-            data = torch.zeros((-(-numel // 2), 1), dtype=torch.uint8, device=weight.device)
+            data = torch.zeros(
+                (-(-numel // 2), 1), dtype=torch.uint8, device=weight.device
+            )
         module.weight = torch.nn.Parameter(data, requires_grad=False)
     return model
 

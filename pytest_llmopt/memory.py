@@ -65,10 +65,18 @@ class TensorProbe:
         seen: dict[int, int] = {}
         for obj in gc.get_objects():
             try:
-                if issubclass(type(obj), torch.Tensor) and not obj.is_meta:  # type(): no proxy's __class__ hook
+                if (
+                    issubclass(type(obj), torch.Tensor) and not obj.is_meta
+                ):  # type(): no proxy's __class__ hook
                     storage = obj.untyped_storage()
-                    seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
-            except (RuntimeError, NotImplementedError, TypeError):  # a subclass without storage is not memory we own
+                    seen[storage.data_ptr()] = max(
+                        seen.get(storage.data_ptr(), 0), storage.nbytes()
+                    )
+            except (
+                RuntimeError,
+                NotImplementedError,
+                TypeError,
+            ):  # a subclass without storage is not memory we own
                 continue
         return sum(seen.values())
 
@@ -117,13 +125,21 @@ def check_returns(
     if first_excess > slack:
         problems.append(
             f"{first_excess} bytes more than before generate() are still held after it returned"
-            + (f" (beyond the {allowed} bytes of the cache it keeps on purpose)" if allowed else "")
+            + (
+                f" (beyond the {allowed} bytes of the cache it keeps on purpose)"
+                if allowed
+                else ""
+            )
             + ": a cache or activations kept alive on the model or in a closure"
         )
     if growth > slack:
-        problems.append(f"memory grew by {growth} bytes over {repeats} identical calls ({', '.join(map(str, after))})")
+        problems.append(
+            f"memory grew by {growth} bytes over {repeats} identical calls ({', '.join(map(str, after))})"
+        )
     head = f"{label}: " if label else ""
-    return ReturnVerdict(not problems, head + ("; ".join(problems) or "memory returned"), before, after)
+    return ReturnVerdict(
+        not problems, head + ("; ".join(problems) or "memory returned"), before, after
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -134,7 +150,10 @@ def cache_layers(cache: Any) -> list[tuple[Any, Any]]:
     """(keys, values) of every layer of a transformers cache (5.x ``layers``; 4.x key_cache/value_cache)."""
     layers = getattr(cache, "layers", None)
     if layers is not None:
-        return [(getattr(layer, "keys", None), getattr(layer, "values", None)) for layer in layers]
+        return [
+            (getattr(layer, "keys", None), getattr(layer, "values", None))
+            for layer in layers
+        ]
     return list(zip(getattr(cache, "key_cache", []), getattr(cache, "value_cache", [])))
 
 
@@ -146,13 +165,19 @@ def _nbytes(t: Any) -> int:
 
 
 def _positions(t: Any) -> int:
-    return 0 if t is None or not hasattr(t, "shape") or len(t.shape) < 3 else int(t.shape[-2])
+    return (
+        0
+        if t is None or not hasattr(t, "shape") or len(t.shape) < 3
+        else int(t.shape[-2])
+    )
 
 
 def sliding_flags(config: Any, layers: int) -> list[bool]:
     """Which layers are sliding-window layers, from the config (layer_types / attention_layers)."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    types = getattr(text, "layer_types", None) or getattr(text, "attention_layers", None)
+    types = getattr(text, "layer_types", None) or getattr(
+        text, "attention_layers", None
+    )
     if types:
         return [t in ("sliding_attention", "local") for t in types][:layers]
     return [bool(getattr(text, "sliding_window", None))] * layers
@@ -166,7 +191,15 @@ class CacheVerdict:
     formula_bytes: int
 
 
-def check_cache(cache: Any, config: Any, batch: int, length: int, dtype_bytes: int, kind: str, label: str = "") -> CacheVerdict:
+def check_cache(
+    cache: Any,
+    config: Any,
+    batch: int,
+    length: int,
+    dtype_bytes: int,
+    kind: str,
+    label: str = "",
+) -> CacheVerdict:
     """The kv-cache ``generate`` built (``kind`` 'dynamic' or 'static') within its formula:
     2 x batch x kv_heads x head_dim x bytes x positions per layer, where a full layer holds ``length``
     positions (the static cache: its max_cache_len) and a sliding-window layer min(window, length).
@@ -187,13 +220,25 @@ def check_cache(cache: Any, config: Any, batch: int, length: int, dtype_bytes: i
         held += _nbytes(keys) + _nbytes(values)
         positions = max(_positions(keys), _positions(values))
         if sliding and positions > window:
-            problems.append(f"sliding-window layer {index} holds {positions} positions, its window is {window}")
+            problems.append(
+                f"sliding-window layer {index} holds {positions} positions, its window is {window}"
+            )
         elif positions > allowed:
-            problems.append(f"layer {index} holds {positions} positions, at most {allowed} expected")
+            problems.append(
+                f"layer {index} holds {positions} positions, at most {allowed} expected"
+            )
     if held > formula:
-        problems.append(f"the {kind} cache holds {held} bytes, its formula allows {formula} ({held / max(formula, 1):.3f}x)")
+        problems.append(
+            f"the {kind} cache holds {held} bytes, its formula allows {formula} ({held / max(formula, 1):.3f}x)"
+        )
     head = f"{label}: " if label else ""
-    return CacheVerdict(not problems, head + ("; ".join(problems[:4]) or f"{kind} cache {held} bytes within {formula}"), held, formula)
+    return CacheVerdict(
+        not problems,
+        head
+        + ("; ".join(problems[:4]) or f"{kind} cache {held} bytes within {formula}"),
+        held,
+        formula,
+    )
 
 
 # --------------------------------------------------------------------------------------------------

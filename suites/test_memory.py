@@ -17,7 +17,10 @@ import pytest
 from pytest_llmopt import compat, memory
 from pytest_llmopt.prompts import long_prompt
 
-LONG_TOKENS = {"cpu": 96, "cuda": 2048}  # past the sliding window of the built-in models that have one
+LONG_TOKENS = {
+    "cpu": 96,
+    "cuda": 2048,
+}  # past the sliding window of the built-in models that have one
 CACHE_TOKENS = {"cpu": 80, "cuda": 512}
 # Peak of a long prefill: the candidate may exceed eager's increment by this share + a fixed slack
 # (allocator rounding); measured on the H100: SDPA 13.8 vs eager 14.9 GiB on the 7B shape at 2048 tokens.
@@ -43,19 +46,28 @@ def _prefill_peak(runner, ids, mask) -> tuple[int, int]:
     return int(probe.peak() or 0) - before, before
 
 
-@pytest.mark.llmopt(attention=["sdpa", "flash_attention_2"], reference={"attention": "eager"})
+@pytest.mark.llmopt(
+    attention=["sdpa", "flash_attention_2"], reference={"attention": "eager"}
+)
 def test_attention_peak_not_above_eager(llmopt_case):
     """A long prompt's prefill: SDPA / flash attention allocate no more at peak than eager attention."""
     case = llmopt_case
     if _device(case) != "cuda":
-        pytest.skip("peak memory needs CUDA's allocator statistics: run on a GPU runner (--llmopt-device=cuda)")
+        pytest.skip(
+            "peak memory needs CUDA's allocator statistics: run on a GPU runner (--llmopt-device=cuda)"
+        )
     reference, target = case.reference, case.target
     ids, mask = _prompt(case, target, LONG_TOKENS["cuda"])
     with case.explain("eager prefill"):
         eager, _ = _prefill_peak(reference, ids, mask)
     with case.explain("prefill"):
         peak, level = _prefill_peak(target, ids, mask)
-    case.record(peak_memory_bytes=peak + level, prefill_peak_bytes=peak, eager_prefill_peak_bytes=eager, prompt_tokens=int(ids.shape[1]))
+    case.record(
+        peak_memory_bytes=peak + level,
+        prefill_peak_bytes=peak,
+        eager_prefill_peak_bytes=eager,
+        prompt_tokens=int(ids.shape[1]),
+    )
     allowed = eager * (1 + PEAK_SLACK[0]) + PEAK_SLACK[1]
     assert peak <= allowed, (
         f"{case.label}: the prefill of {ids.shape[1]} tokens peaked {peak / 2**20:.1f} MiB above the weights, "
@@ -66,7 +78,11 @@ def test_attention_peak_not_above_eager(llmopt_case):
 def _generate_with_cache(runner, ids, mask, new_tokens, cache):
     """generate() returning its own past_key_values (the cache it built)."""
     kwargs = compat.generate_kwargs(
-        new_tokens=new_tokens, cache=cache, compile_mode="off", device_type=runner.machine.device_type, eos_ids=runner.eos_ids
+        new_tokens=new_tokens,
+        cache=cache,
+        compile_mode="off",
+        device_type=runner.machine.device_type,
+        eos_ids=runner.eos_ids,
     )
     kwargs["output_logits"] = False
     with runner.active() as model:
@@ -81,14 +97,34 @@ def test_generate_cache_within_formula(llmopt_case):
     target = case.target
     ids, mask = _prompt(case, target, CACHE_TOKENS[_device(case)])
     with case.explain("generate"):
-        out = _generate_with_cache(target, ids, mask, case.new_tokens, case.variant.cache)
+        out = _generate_with_cache(
+            target, ids, mask, case.new_tokens, case.variant.cache
+        )
     cache = out.past_key_values
     total = int(out.sequences.shape[1])
-    length = int(getattr(cache, "max_cache_len", 0) or total) if case.variant.cache == "static" else total
-    assert length >= total - 1, f"{case.label}: the static cache holds {length} positions for a sequence of {total}"
+    length = (
+        int(getattr(cache, "max_cache_len", 0) or total)
+        if case.variant.cache == "static"
+        else total
+    )
+    assert length >= total - 1, (
+        f"{case.label}: the static cache holds {length} positions for a sequence of {total}"
+    )
     config = target.model.config
-    verdict = memory.check_cache(cache, config, int(ids.shape[0]), length, target.model.dtype.itemsize, case.variant.cache, label=case.label)
-    case.record(kv_cache_bytes=verdict.held_bytes, kv_cache_formula_bytes=verdict.formula_bytes, kv_cache_positions=length)
+    verdict = memory.check_cache(
+        cache,
+        config,
+        int(ids.shape[0]),
+        length,
+        target.model.dtype.itemsize,
+        case.variant.cache,
+        label=case.label,
+    )
+    case.record(
+        kv_cache_bytes=verdict.held_bytes,
+        kv_cache_formula_bytes=verdict.formula_bytes,
+        kv_cache_positions=length,
+    )
     assert verdict.ok, verdict.message
 
 
@@ -109,11 +145,24 @@ def test_memory_returns_after_generate(llmopt_case):
         with case.explain("generate"):
             return target.generate(ids, mask, case.new_tokens)
 
-    def kept() -> int:  # generate() keeps its static cache on the model to reuse it (documented); nothing else
+    def kept() -> (
+        int
+    ):  # generate() keeps its static cache on the model to reuse it (documented); nothing else
         return _kept_cache_bytes(model) - kept_before if static else 0
 
-    verdict = memory.check_returns(probe, call, repeats=3, kept=kept, slack=memory.RETURN_SLACK_BYTES[device], label=case.label)
-    case.record(memory_before_bytes=verdict.before, memory_after_bytes=verdict.after[-1], kept_cache_bytes=kept())
+    verdict = memory.check_returns(
+        probe,
+        call,
+        repeats=3,
+        kept=kept,
+        slack=memory.RETURN_SLACK_BYTES[device],
+        label=case.label,
+    )
+    case.record(
+        memory_before_bytes=verdict.before,
+        memory_after_bytes=verdict.after[-1],
+        kept_cache_bytes=kept(),
+    )
     assert verdict.ok, verdict.message
 
 

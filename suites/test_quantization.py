@@ -20,7 +20,9 @@ from pytest_llmopt import assistants, footprint, quantize
 
 SCHEMES = ["int8", "nf4", "fp4", "nf4-dq"]
 TO_UNQUANTIZED = {"quant": "none"}
-GENERATION_PROMPTS = 2  # prompts for the generation checks (each costs a few quantized generate calls)
+GENERATION_PROMPTS = (
+    2  # prompts for the generation checks (each costs a few quantized generate calls)
+)
 LATENCY_TOKENS = 32
 LATENCY_REPEATS = 3
 
@@ -29,14 +31,23 @@ def _quality(case, reference, target):
     """Teacher-forced logits of all prompts (left-padded batch): top-1 agreement and KL, recorded."""
     ids, mask = reference.encode([p.text for p in case.prompts])
     with case.explain("teacher-forced forward"):
-        found = quantize.quality(reference.forward_logits(ids, mask), target.forward_logits(ids, mask), mask.cpu())
-    case.record(top1_agreement=round(found.top1, 4), kl_mean=found.kl_mean, kl_max=found.kl_max, quality_positions=found.positions)
+        found = quantize.quality(
+            reference.forward_logits(ids, mask),
+            target.forward_logits(ids, mask),
+            mask.cpu(),
+        )
+    case.record(
+        top1_agreement=round(found.top1, 4),
+        kl_mean=found.kl_mean,
+        kl_max=found.kl_max,
+        quality_positions=found.positions,
+    )
     return found
 
 
 def _assert_quality(case, found, scheme):
     bound = quantize.bound_for(case.spec, scheme)
-    kind = "random-weight" if quantize.is_random_weights(case.spec) else "trained"
+    kind = quantize.model_kind(case.spec)
     assert found.top1 >= bound.min_top1 and found.kl_mean <= bound.max_kl, (
         f"{case.label}: next-token quality of {scheme} vs the unquantized model over {found.positions} positions: "
         f"top-1 agreement {found.top1:.3f} (bound >= {bound.min_top1}), mean KL {found.kl_mean:.4g} "
@@ -55,7 +66,9 @@ def _latency(runner, ids, mask) -> float:
         out = runner.generate(ids, mask, LATENCY_TOKENS)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        assert out.new_tokens.shape[1] == LATENCY_TOKENS, f"generate() made {out.new_tokens.shape[1]} tokens, {LATENCY_TOKENS} forced"
+        assert out.new_tokens.shape[1] == LATENCY_TOKENS, (
+            f"generate() made {out.new_tokens.shape[1]} tokens, {LATENCY_TOKENS} forced"
+        )
         return time.perf_counter() - start
 
     once()
@@ -104,30 +117,56 @@ def test_scheme(llmopt_case):
         with case.explain(what):
             greedy = target.generate(ids, mask, case.new_tokens)
             plain_greedy = reference.generate(ids, mask, case.new_tokens)
-        assert greedy.logits is not None and quantize.finite(greedy.logits), f"{case.label} ({what}): NaN or inf in the quantized logits"
-        assert not quantize.collapsed(greedy.new_tokens[0], plain_greedy.new_tokens[0]), (
+        assert greedy.logits is not None and quantize.finite(greedy.logits), (
+            f"{case.label} ({what}): NaN or inf in the quantized logits"
+        )
+        assert not quantize.collapsed(
+            greedy.new_tokens[0], plain_greedy.new_tokens[0]
+        ), (
             f"{case.label} ({what}): generation collapsed into one repeated token: longest run "
             f"{quantize.longest_run(greedy.new_tokens[0])} vs {quantize.longest_run(plain_greedy.new_tokens[0])} unquantized "
             f"({target.tokenizer.decode(greedy.new_tokens[0])!r})"
         )
         with case.explain(f"{what}, static cache"):
             with_static = static.generate(ids, mask, case.new_tokens)
-        case.check_greedy(greedy, with_static, what=f"{what}, {scheme} static cache vs {scheme} dynamic cache")
+        case.check_greedy(
+            greedy,
+            with_static,
+            what=f"{what}, {scheme} static cache vs {scheme} dynamic cache",
+        )
         with case.explain(f"{what}, self-assisted"):
-            assisted = target.generate(ids, mask, case.new_tokens, assistant_model=assistants.build(quantized, "self"))
-        case.check_greedy(greedy, assisted, path="assisted", what=f"{what}, {scheme} self-assisted vs {scheme} greedy")
+            assisted = target.generate(
+                ids,
+                mask,
+                case.new_tokens,
+                assistant_model=assistants.build(quantized, "self"),
+            )
+        case.check_greedy(
+            greedy,
+            assisted,
+            path="assisted",
+            what=f"{what}, {scheme} self-assisted vs {scheme} greedy",
+        )
 
 
-@pytest.mark.llmopt(quant=["int8", "nf4"], cache="static", compile="auto", reference={"compile": "off"})
+@pytest.mark.llmopt(
+    quant=["int8", "nf4"], cache="static", compile="auto", reference={"compile": "off"}
+)
 def test_auto_compile(llmopt_case):
     """Auto-compile with a quantized model. transformers refuses it (is_compileable is False), so this is
     collected as unsupported; if a release ever allows it, it must equal the eager static path."""
     case = llmopt_case
     ids, mask = case.reference.encode(case.prompts[0].text)
-    case.check_greedy(case.reference.generate(ids, mask, case.new_tokens), case.target.generate(ids, mask, case.new_tokens), path="compile")
+    case.check_greedy(
+        case.reference.generate(ids, mask, case.new_tokens),
+        case.target.generate(ids, mask, case.new_tokens),
+        path="compile",
+    )
 
 
-@pytest.mark.llmopt(quant="int8", attention=["sdpa", "flash_attention_2"], reference=TO_UNQUANTIZED)
+@pytest.mark.llmopt(
+    quant="int8", attention=["sdpa", "flash_attention_2"], reference=TO_UNQUANTIZED
+)
 def test_int8_with_attention(llmopt_case):
     """The guide's combined case: 8-bit weights with SDPA or flash_attention_2 in the compute dtype,
     against the unquantized model with the same attention: quality bound, finite logits, forced length."""
@@ -139,4 +178,6 @@ def test_int8_with_attention(llmopt_case):
     with case.explain("generate"):
         out = target.generate(ids, mask, case.new_tokens)
     assert out.new_tokens.shape[1] == case.new_tokens
-    assert out.logits is not None and quantize.finite(out.logits), f"{case.label}: NaN or inf in the logits"
+    assert out.logits is not None and quantize.finite(out.logits), (
+        f"{case.label}: NaN or inf in the logits"
+    )

@@ -8,8 +8,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-
 from conftest import SUITES
+
 from pytest_llmopt import memory
 
 
@@ -52,18 +52,26 @@ def sliding_window_not_trimmed(mp: pytest.MonkeyPatch) -> None:
             mp.setattr(DynamicSlidingWindowLayer, name, DynamicLayer.__dict__[name])
 
 
-FAULTS: dict[str, tuple[Callable[[pytest.MonkeyPatch], None], str, tuple[str, ...], tuple[str, ...]]] = {
+FAULTS: dict[
+    str,
+    tuple[Callable[[pytest.MonkeyPatch], None], str, tuple[str, ...], tuple[str, ...]],
+] = {
     "cache kept on the model": (
         cache_kept_on_model,
         "test_memory_returns_after_generate and dynamic",
         (),
-        ("*bytes more than before generate() are still held after it returned*kept alive on the model or in a closure*",),
+        (
+            "*bytes more than before generate() are still held after it returned*kept alive on the model or in a closure*",
+        ),
     ),
     "caches kept in a closure": (
         caches_kept_in_closure,
         "test_memory_returns_after_generate",
         (),
-        ("*still held after it returned*", "*memory grew by * bytes over 3 identical calls*"),
+        (
+            "*still held after it returned*",
+            "*memory grew by * bytes over 3 identical calls*",
+        ),
     ),
     "sliding window not trimmed": (
         sliding_window_not_trimmed,
@@ -74,30 +82,55 @@ FAULTS: dict[str, tuple[Callable[[pytest.MonkeyPatch], None], str, tuple[str, ..
 }
 
 
-def _run(pytester: pytest.Pytester, select: str, args: tuple[str, ...]) -> pytest.RunResult:
-    return pytester.runpytest(str(SUITES / "test_memory.py"), "-k", select, "-p", "no:logging", "-p", "no:cacheprovider", *args)
+def _run(
+    pytester: pytest.Pytester, select: str, args: tuple[str, ...]
+) -> pytest.RunResult:
+    return pytester.runpytest(
+        str(SUITES / "test_memory.py"),
+        "-k",
+        select,
+        "-p",
+        "no:logging",
+        "-p",
+        "no:cacheprovider",
+        *args,
+    )
 
 
 @pytest.mark.parametrize("name", list(FAULTS))
-def test_memory_fault_is_caught(name: str, pytester: pytest.Pytester, clean_env: pytest.MonkeyPatch) -> None:
+def test_memory_fault_is_caught(
+    name: str, pytester: pytest.Pytester, clean_env: pytest.MonkeyPatch
+) -> None:
     inject, select, args, expect = FAULTS[name]
     inject(clean_env)
     result = _run(pytester, select, args)
-    assert result.parseoutcomes().get("failed", 0) >= 1, f"{name}: the suite did not fail\n{result.stdout.str()[-3000:]}"
+    assert result.parseoutcomes().get("failed", 0) >= 1, (
+        f"{name}: the suite did not fail\n{result.stdout.str()[-3000:]}"
+    )
     result.stdout.fnmatch_lines(list(expect))
 
 
 @pytest.mark.parametrize("name", list(FAULTS))
-def test_same_memory_selection_passes_without_the_fault(name: str, pytester: pytest.Pytester, clean_env: pytest.MonkeyPatch) -> None:
+def test_same_memory_selection_passes_without_the_fault(
+    name: str, pytester: pytest.Pytester, clean_env: pytest.MonkeyPatch
+) -> None:
     _, select, args, _ = FAULTS[name]
     result = _run(pytester, select, args)
     outcomes = result.parseoutcomes()
-    assert outcomes.get("passed", 0) >= 1 and not outcomes.get("failed") and not outcomes.get("errors"), result.stdout.str()[-3000:]
+    assert (
+        outcomes.get("passed", 0) >= 1
+        and not outcomes.get("failed")
+        and not outcomes.get("errors")
+    ), result.stdout.str()[-3000:]
 
 
-def test_sliding_layers_of_a_mixed_model_stay_in_their_window(pytester: pytest.Pytester, clean_env: pytest.MonkeyPatch) -> None:
+def test_sliding_layers_of_a_mixed_model_stay_in_their_window(
+    pytester: pytest.Pytester, clean_env: pytest.MonkeyPatch
+) -> None:
     """gemma2 alternates sliding and full layers: both caches pass the formula (the flags follow layer_types)."""
-    result = _run(pytester, "test_generate_cache_within_formula", ("--llmopt-model=tiny-gemma2",))
+    result = _run(
+        pytester, "test_generate_cache_within_formula", ("--llmopt-model=tiny-gemma2",)
+    )
     outcomes = result.parseoutcomes()
     assert outcomes.get("passed", 0) == 2, result.stdout.str()[-3000:]
 
@@ -122,7 +155,9 @@ def test_check_returns_allows_only_what_is_declared_kept() -> None:
     box: list[Any] = []
 
     def call() -> None:
-        box[:] = [torch.zeros(1024, dtype=torch.float32)]  # replaced, not accumulated: no growth
+        box[:] = [
+            torch.zeros(1024, dtype=torch.float32)
+        ]  # replaced, not accumulated: no growth
 
     assert not memory.check_returns(probe, call, slack=0).ok
     box.clear()

@@ -18,9 +18,13 @@ from pytest_llmopt import compat, footprint, quantize, zoo
 from pytest_llmopt.variants import Variant
 
 GIB = 2**30
-HAS_BNB = all(importlib.util.find_spec(name) is not None for name in ("bitsandbytes", "accelerate"))
+HAS_BNB = all(
+    importlib.util.find_spec(name) is not None
+    for name in ("bitsandbytes", "accelerate")
+)
 NEEDS_BNB = pytest.mark.skipif(
-    not HAS_BNB, reason="needs bitsandbytes and accelerate (pip install bitsandbytes accelerate): bnb 0.50 runs int8/nf4 on CPU"
+    not HAS_BNB,
+    reason="needs bitsandbytes and accelerate (pip install bitsandbytes accelerate): bnb 0.50 runs int8/nf4 on CPU",
 )
 
 
@@ -45,7 +49,10 @@ def test_formula_gives_the_footprints_measured_on_the_h100() -> None:
     assert round(int8.unquantized_bytes / GIB, 2) == 12.55
     assert round(int8.total_bytes / GIB, 2) == 6.52
     assert round(nf4.total_bytes / GIB, 2) == 3.50
-    assert "lm_head.weight" not in int8.quantized_weights and "model.embed_tokens.weight" not in int8.quantized_weights
+    assert (
+        "lm_head.weight" not in int8.quantized_weights
+        and "model.embed_tokens.weight" not in int8.quantized_weights
+    )
     assert len(int8.quantized_weights) == 32 * 7
 
 
@@ -60,26 +67,40 @@ def test_tied_head_is_not_quantized() -> None:
 
 @pytest.mark.parametrize("shape", ["llama-1b-shape", "llama-7b-shape"])
 @pytest.mark.parametrize("scheme", ["int8", "nf4"])
-def test_one_small_layer_left_in_bf16_breaks_the_bound_at_any_size(shape: str, scheme: str) -> None:
+def test_one_small_layer_left_in_bf16_breaks_the_bound_at_any_size(
+    shape: str, scheme: str
+) -> None:
     """The smallest decoder Linear (a k_proj) left in bf16 in a full-size shape: the total moves by less
     than the slack on llama-1b-shape int8, but the per-weight audit names it."""
     want = footprint.expected(_meta(shape), scheme, 2)
     fine = footprint.check(footprint.simulate(_meta(shape), scheme), want)
     assert fine.ok, fine.message
-    skipped = footprint.simulate(_meta(shape), scheme, skip=["model.layers.3.self_attn.k_proj"])
+    skipped = footprint.simulate(
+        _meta(shape), scheme, skip=["model.layers.3.self_attn.k_proj"]
+    )
     verdict = footprint.check(skipped, want)
     assert not verdict.ok
-    assert verdict.offenders == ["model.layers.3.self_attn.k_proj.weight: 2.00 bytes/weight"], verdict.message
+    assert verdict.offenders == [
+        "model.layers.3.self_attn.k_proj.weight: 2.00 bytes/weight"
+    ], verdict.message
 
 
 def test_simulated_tiny_load_matches_formula_and_skip_breaks_it() -> None:
     """tiny-llama: the stand-in load equals the formula to the byte; skipping one down_proj breaks both
     the total (by 2.9% for int8, far beyond the 0.1% slack) and the audit."""
     want = footprint.expected(_tiny(), "int8", 2)
-    assert footprint.check(footprint.simulate(_tiny(), "int8"), want).footprint == want.total_bytes
-    verdict = footprint.check(footprint.simulate(_tiny(), "int8", skip=["model.layers.1.mlp.down_proj"]), want)
+    assert (
+        footprint.check(footprint.simulate(_tiny(), "int8"), want).footprint
+        == want.total_bytes
+    )
+    verdict = footprint.check(
+        footprint.simulate(_tiny(), "int8", skip=["model.layers.1.mlp.down_proj"]), want
+    )
     assert not verdict.ok
-    assert "get_memory_footprint() is" in verdict.message and "model.layers.1.mlp.down_proj.weight: 2.00 bytes/weight" in verdict.message
+    assert (
+        "get_memory_footprint() is" in verdict.message
+        and "model.layers.1.mlp.down_proj.weight: 2.00 bytes/weight" in verdict.message
+    )
 
 
 def _bnb_load(tmp_path: Any, scheme: str, skip: list[str] | None = None) -> Any:
@@ -89,7 +110,9 @@ def _bnb_load(tmp_path: Any, scheme: str, skip: list[str] | None = None) -> Any:
     if not folder.exists():
         _tiny(torch.float32).save_pretrained(folder)
     config = quantize.bnb_config(scheme, torch.bfloat16, skip=skip)
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, quantization_config=config, device_map="cpu")
+    return AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.bfloat16, quantization_config=config, device_map="cpu"
+    )
 
 
 @NEEDS_BNB
@@ -108,7 +131,9 @@ def test_real_bitsandbytes_skip_module_breaks_the_bound(tmp_path: Any) -> None:
     model = _bnb_load(tmp_path, "int8", skip=["model.layers.1.mlp.down_proj"])
     verdict = footprint.check(model, footprint.expected(_tiny(), "int8", 2))
     assert not verdict.ok
-    assert verdict.offenders == ["model.layers.1.mlp.down_proj.weight: 2.00 bytes/weight"], verdict.message
+    assert verdict.offenders == [
+        "model.layers.1.mlp.down_proj.weight: 2.00 bytes/weight"
+    ], verdict.message
 
 
 def test_quality_metrics() -> None:
@@ -128,7 +153,9 @@ def test_quality_metrics() -> None:
 
 def test_collapse_is_relative_to_the_unquantized_model() -> None:
     assert quantize.collapsed([5] * 12 + [1, 2], [1, 2, 3, 4] * 3)
-    assert not quantize.collapsed([5] * 12, [5] * 10)  # the unquantized model repeats as much
+    assert not quantize.collapsed(
+        [5] * 12, [5] * 10
+    )  # the unquantized model repeats as much
     assert not quantize.collapsed([1, 2, 3, 3, 4], [1, 2, 3, 4, 5])
 
 
@@ -136,18 +163,38 @@ def test_auto_compile_of_a_quantized_model_is_unsupported() -> None:
     """transformers' bitsandbytes quantizers are not compileable: auto-compile + quant is reported as
     unsupported with the reason; without quantization the rule says nothing."""
     assert not quantize.bnb_compileable("int8") and not quantize.bnb_compileable("nf4")
-    reason = quantize.unsupported(Variant(cache="static", compile="auto", quant="nf4", dtype="bfloat16"))
-    assert reason is not None and "is_compileable is False" in reason and reason.startswith("unsupported by transformers")
-    assert quantize.unsupported(Variant(cache="static", compile="auto", dtype="bfloat16")) is None
-    assert quantize.unsupported(Variant(cache="static", quant="nf4", dtype="bfloat16")) is None
+    reason = quantize.unsupported(
+        Variant(cache="static", compile="auto", quant="nf4", dtype="bfloat16")
+    )
+    assert (
+        reason is not None
+        and "is_compileable is False" in reason
+        and reason.startswith("unsupported by transformers")
+    )
+    assert (
+        quantize.unsupported(Variant(cache="static", compile="auto", dtype="bfloat16"))
+        is None
+    )
+    assert (
+        quantize.unsupported(Variant(cache="static", quant="nf4", dtype="bfloat16"))
+        is None
+    )
 
 
 def test_bnb_configs() -> None:
     """Each scheme's config: 8-bit, 4-bit nf4 / fp4, double quant only for nf4-dq, compute dtype kept."""
-    int8 = quantize.bnb_config("int8", torch.bfloat16, skip=["model.layers.1.mlp.down_proj"])
-    assert int8.load_in_8bit and int8.llm_int8_skip_modules == ["model.layers.1.mlp.down_proj"]
+    int8 = quantize.bnb_config(
+        "int8", torch.bfloat16, skip=["model.layers.1.mlp.down_proj"]
+    )
+    assert int8.load_in_8bit and int8.llm_int8_skip_modules == [
+        "model.layers.1.mlp.down_proj"
+    ]
     dq = quantize.bnb_config("nf4-dq", torch.bfloat16)
-    assert dq.load_in_4bit and dq.bnb_4bit_quant_type == "nf4" and dq.bnb_4bit_use_double_quant
+    assert (
+        dq.load_in_4bit
+        and dq.bnb_4bit_quant_type == "nf4"
+        and dq.bnb_4bit_use_double_quant
+    )
     assert dq.bnb_4bit_compute_dtype == torch.bfloat16
     fp4 = quantize.bnb_config("fp4", torch.bfloat16)
     assert fp4.bnb_4bit_quant_type == "fp4" and not fp4.bnb_4bit_use_double_quant
