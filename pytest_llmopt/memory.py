@@ -241,6 +241,26 @@ def check_cache(
     )
 
 
+# Models whose local-attention layers transformers caches in full layers (found by this suite on CPU,
+# transformers 5.24): GPT-Neo's config names its local layers in ``attention_layers``, which DynamicCache
+# does not read, so a local layer keeps every position, not its window (more memory, same tokens).
+KNOWN_UNTRIMMED = {
+    "gpt_neo": "known issue: transformers caches GPT-Neo's local-attention layers in full DynamicLayers "
+    "(DynamicCache reads layer_types / sliding_window, GPT-Neo's config says attention_layers / window_size), "
+    "so they keep every position instead of their window",
+}
+
+
+def known_untrimmed(config: Any, cache: Any) -> str | None:
+    """The known-issue reason when ``config``'s model is listed in KNOWN_UNTRIMMED and its cache really has no
+    sliding-window layer (if a release fixes it, the check runs again and must pass)."""
+    reason = KNOWN_UNTRIMMED.get(getattr(config, "model_type", ""))
+    layers = getattr(cache, "layers", None) or []
+    if reason and not any(hasattr(layer, "sliding_window") for layer in layers):
+        return reason
+    return None
+
+
 # --------------------------------------------------------------------------------------------------
 # Peak memory of every test (CUDA), for the report
 
