@@ -52,18 +52,18 @@ REPORT_KEYS = (
 
 
 def from_report(path: Path) -> None:
+    """One JSON line per quantization / memory result, then the quality bounds the figures suggest."""
     data = json.loads(path.read_text())
-    results = data.get("results", data) if isinstance(data, dict) else data
-    for env in data.get("environments", []) if isinstance(data, dict) else []:
-        print("#", json.dumps(env)[:400])
+    results = data.get("results", []) if isinstance(data, dict) else data
+    env = data.get("environment") if isinstance(data, dict) else None
+    if env:
+        print("# environment:", json.dumps(env)[:1000])
+    worst: dict[str, tuple[float, float]] = {}
     for result in results:
         if result.get("suite") not in ("quantization", "memory"):
             continue
-        metrics = {
-            k: result.get("metrics", {}).get(k)
-            for k in REPORT_KEYS
-            if result.get("metrics", {}).get(k) is not None
-        }
+        found = result.get("metrics", {})
+        metrics = {k: found[k] for k in REPORT_KEYS if found.get(k) is not None}
         row = {
             "model": result.get("model"),
             "check": result.get("check"),
@@ -72,6 +72,15 @@ def from_report(path: Path) -> None:
             **metrics,
         }
         print(json.dumps(row))
+        if result.get("check") == "test_scheme" and "top1_agreement" in metrics:
+            scheme = str(result.get("variant", "")).split("/")[2]
+            top1, kl = worst.get(scheme, (1.0, 0.0))
+            worst[scheme] = (min(top1, metrics["top1_agreement"]), max(kl, metrics["kl_mean"]))
+    for scheme, (top1, kl) in worst.items():
+        print(
+            f"# suggested QUALITY[(kind, {scheme!r})] = QualityBound({max(0.0, round(top1 - 0.10, 2))}, "
+            f"{float(f'{2 * kl:.2g}')}, ...)  # worst top-1 {top1:.4f}, worst mean KL {kl:.4g}"
+        )
 
 
 def _load(name: str, scheme: str, device: str, seed: int) -> Any:
