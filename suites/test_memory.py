@@ -141,6 +141,10 @@ def test_memory_returns_after_generate(llmopt_case):
     ids, mask = _prompt(case, target, CACHE_TOKENS[device])
     model = target.model
     static = case.variant.cache == "static"
+    # Warm-up on a 2-token prompt, 1 new token: lazily created kernels' workspaces (cuBLAS) are not a
+    # leak. Its cache is small, so a cache kept alive from each call still shows as the difference.
+    with case.explain("warm-up generate"):
+        target.generate(ids[:, -2:], mask[:, -2:], 1)
     kept_before = _kept_cache_bytes(model)
 
     def call():
