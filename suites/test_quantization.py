@@ -108,7 +108,6 @@ def test_scheme(llmopt_case):
     )
 
     assert size.ok, size.message
-    _assert_quality(case, found, scheme)
 
     static = case.runner(replace(case.variant, cache="static"))
     for prompt in case.prompts[:GENERATION_PROMPTS]:
@@ -147,6 +146,8 @@ def test_scheme(llmopt_case):
             path="assisted",
             what=f"{what}, {scheme} self-assisted vs {scheme} greedy",
         )
+    # Last, so that the generation checks run even while a quality threshold is still a placeholder.
+    _assert_quality(case, found, scheme)
 
 
 @pytest.mark.llmopt(
