@@ -62,7 +62,7 @@ def variants_of(marker: pytest.Mark, dtype: str) -> tuple[list[variants.Variant]
 
 def params_for(session: LlmoptSession, marker: pytest.Mark) -> list[Any]:
     """pytest.param objects for every (model, variant), with their markers and skip reasons."""
-    from . import compat, known_issues, models, outcomes
+    from . import compat, known_issues, models, outcomes, quantize
 
     machine = session.machine
     found, overrides = variants_of(marker, machine.dtype)
@@ -75,7 +75,7 @@ def params_for(session: LlmoptSession, marker: pytest.Mark) -> list[Any]:
             reference = replace(variant, **overrides)
             marks: list[pytest.MarkDecorator] = [getattr(pytest.mark, name) for name in variant.markers()]
             skip = skip_reason(variant, machine, info.capabilities, info.class_name)
-            missing = compat.missing_feature(variant.compile, machine.device_type)
+            missing = compat.missing_feature(variant.compile, machine.device_type) or quantize.unsupported(variant)
             skip = skip or ((Status.UNSUPPORTED, missing) if missing else None)
             if skip:
                 marks.append(pytest.mark.skip(reason=skip[1]))
@@ -234,12 +234,12 @@ class Case:
     def reference(self) -> Runner:
         return self.runner(self.param.reference)
 
-    def precise(self) -> Any:
-        """The higher-precision reference of the plain path's model (reference.Precise); a check that needs
-        it is not run where no copy fits, with the reason."""
+    def precise(self, plain: Runner | None = None) -> Any:
+        """The higher-precision reference of the plain path's model (reference.Precise; ``plain`` defaults to
+        this case's reference runner); a check that needs it is not run where no copy fits, with the reason."""
         from .reference import precise_for
 
-        found = precise_for(self.runner(self.param.reference).model, self.session.machine.dtype)
+        found = precise_for((plain or self.runner(self.param.reference)).model, self.session.machine.dtype)
         if found.model is None:
             outcomes.not_run(f"no higher-precision reference for the noise floor ({found.name})")
         return found
@@ -267,17 +267,18 @@ class Case:
                 pytrace=False,
             )
 
-    def check_greedy(self, reference: Any, candidate: Any, what: str = "") -> Any:
+    def check_greedy(self, reference: Any, candidate: Any, what: str = "", plain: Runner | None = None) -> Any:
         """Fail the test unless ``candidate``'s logits stay within the noise floor of ``reference`` (the plain
         path), both judged against a higher-precision cache-free forward over the reference's tokens; where the
         two part at a near-tie, the candidate is replayed teacher-forced (equivalence.compare_greedy).
 
-        Keeps the worst figures seen in this test for the report.
+        ``plain``: the runner that made ``reference`` when it is not this case's reference (e.g. a quantized
+        model). Keeps the worst figures seen in this test for the report.
         """
         from .equivalence import FLOOR_FACTOR, compare_greedy
 
-        runner = self.runner(self.param.reference)
-        precise = self.precise()
+        runner = plain or self.runner(self.param.reference)
+        precise = self.precise(runner)
         forced = None
         if not bool((reference.new_tokens == candidate.new_tokens).all()) and candidate.replay is not None:
             with self.explain("teacher-forced replay"):

@@ -193,7 +193,7 @@ class ModelStore:
     def _load(self, spec: ModelSpec, attention: str, quant: str, key: tuple[str, str, str]) -> Loaded:
         import torch
 
-        from . import compat
+        from . import compat, quantize
 
         while len(self._models) >= self.keep:
             self._models.popitem(last=False)
@@ -203,8 +203,8 @@ class ModelStore:
             if spec.kind == "builtin" and quant == "none":
                 model = zoo.build_builtin(spec.ref, self.seed, dtype, self.device, compat.from_config, attention)
             else:
-                source = spec.ref if spec.kind != "builtin" else _saved_builtin(spec.ref, self.seed)
-                quant_config = compat.bnb_config(quant, dtype) if quant != "none" else None
+                source = spec.ref if spec.kind != "builtin" else _saved_builtin(spec.ref, self.seed, self.dtype, self.device)
+                quant_config = quantize.bnb_config(quant, dtype) if quant != "none" else None
                 model = compat.from_pretrained(source, dtype, self.device, attention, quant_config, self.trust_remote_code)
                 model = model.eval()
                 if quant == "none" and self.device == "cpu":
@@ -242,8 +242,13 @@ def load_tokenizer(spec: ModelSpec, trust_remote_code: bool) -> Any:
 
 
 @functools.cache
-def _saved_builtin(name: str, seed: int) -> str:
-    """A built-in model written to a temporary folder, for loaders that need from_pretrained (bnb)."""
+def _saved_builtin(name: str, seed: int, dtype: str = "float32", device: str = "cpu") -> str:
+    """A built-in model written to a temporary folder, for loaders that need from_pretrained (bnb).
+
+    Full-size shapes are drawn where the session draws them (``device``, ``dtype``), so the checkpoint
+    holds the very weights of the unquantized model of the session, and a 7B shape is not initialized
+    on the CPU in float32 (minutes); tiny models are drawn on the CPU in float32, as build_builtin does.
+    """
     import tempfile
 
     import torch
@@ -251,8 +256,11 @@ def _saved_builtin(name: str, seed: int) -> str:
     from . import compat
 
     folder = Path(tempfile.mkdtemp(prefix=f"llmopt-{name}-"))
-    model = zoo.build_builtin(name, seed, torch.float32, "cpu", compat.from_config)
+    where = (getattr(torch, dtype), device) if name in zoo.SHAPES else (torch.float32, "cpu")
+    model = zoo.build_builtin(name, seed, *where, compat.from_config)
     model.save_pretrained(folder)
+    del model
+    release_memory()
     zoo.builtin_tokenizer(name).save_pretrained(folder)
     return str(folder)
 

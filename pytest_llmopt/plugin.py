@@ -211,7 +211,8 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, Any, Any]:
     """Out of GPU memory in one test is that test's failure, with one line, and memory is given back
     so that the rest of the session keeps going."""
     try:
-        return (yield)
+        with _track_peak(item):  # peak GPU memory of every llmopt test, for the report
+            return (yield)
     except Exception as exc:
         if type(exc).__name__ != "OutOfMemoryError":
             raise
@@ -219,6 +220,16 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, Any, Any]:
 
         release_memory()
         raise pytest.fail.Exception(f"out of GPU memory: {str(exc).splitlines()[0]}", pytrace=False) from None
+
+
+def _track_peak(item: pytest.Item) -> Any:
+    import contextlib
+
+    if "llmopt_case" not in getattr(item, "fixturenames", ()):
+        return contextlib.nullcontext()
+    from .memory import track_peak
+
+    return track_peak(item)
 
 
 @pytest.fixture(scope="session")

@@ -93,7 +93,9 @@ def precise_for(model: Any, run_dtype: str) -> Precise:
 
 def _make(model: Any, dtype: torch.dtype) -> Precise:
     if getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_quantized", False):
-        return Precise(None, "none: a quantized model has no higher-precision copy of the same weights")
+        # Quantized weights have no higher-precision copy here: the documented fallback is the model's own
+        # cache-free forward in its compute dtype (still independent of the cache and decoding code).
+        return Precise(model, "the quantized model's own cache-free forward (no higher-precision copy of quantized weights)")
     device = next(model.parameters()).device
     need = sum(p.numel() for p in model.parameters()) * torch.finfo(dtype).bits // 8
     short = str(dtype).removeprefix("torch.")

@@ -28,7 +28,7 @@ ATTENTIONS = (
     "flash_attention_3",
     "flex_attention",
 )
-QUANTS = ("none", "int8", "nf4", "fp4")
+QUANTS = ("none", "int8", "nf4", "fp4", "nf4-dq")  # nf4-dq: nf4 with double quantization
 DTYPES = ("float32", "float16", "bfloat16")
 AXES: Mapping[str, tuple[str, ...]] = {
     "cache": CACHES,
