@@ -40,7 +40,8 @@ def pytest_configure(config: pytest.Config) -> None:
     session.machine  # noqa: B018 - probe now: a device that does not exist is a usage error, not a collection error
     _share_cpu_between_workers()
     config.stash[SESSION_KEY] = session
-    from .perf import PerfPlugin  # speed checks and stored baselines; imports no torch until used
+    # Speed checks and stored baselines (perf imports no torch until a speed check runs).
+    from .perf import PerfPlugin
 
     config.pluginmanager.register(PerfPlugin(config, session), "llmopt-perf")
     if not hasattr(config, "workerinput"):  # xdist workers hand their reports to the controller

@@ -51,6 +51,7 @@ class Timing:
     peak_memory_bytes: int | None = None
     cudagraph_skips: int | None = None
     cudagraphs_recorded: int | None = None
+    cudagraph_replays: int | None = None
     skip_reasons: list[str] = field(default_factory=list)
 
     @property
@@ -101,6 +102,8 @@ class Timing:
             out["cudagraph_skips"] = self.cudagraph_skips
         if self.cudagraphs_recorded is not None:
             out["cudagraphs_recorded"] = self.cudagraphs_recorded
+        if self.cudagraph_replays is not None:
+            out["cudagraph_replays"] = self.cudagraph_replays
         return out
 
 
@@ -205,16 +208,18 @@ def measure(
         timing.peak_memory_bytes = int(torch.cuda.max_memory_allocated(device))
         timing.cudagraph_skips = graphs["skips"]
         timing.cudagraphs_recorded = graphs["recorded"]
+        timing.cudagraph_replays = graphs["replayed"]
         timing.skip_reasons = list(dict.fromkeys(graphs["reasons"]))
     return timing
 
 
 @contextlib.contextmanager
 def cudagraph_activity() -> Iterator[dict[str, Any]]:
-    """Count CUDA graphs inductor recorded, and graphs it skipped (its ``cudagraph_skips`` counter), with
-    the reasons it logged. A compiled decode whose graphs were skipped runs kernel by kernel: slower,
-    and silently so."""
-    seen: dict[str, Any] = {"skips": 0, "recorded": 0, "reasons": []}
+    """Count CUDA graphs inductor recorded and replayed meanwhile, and graphs it skipped (its
+    ``cudagraph_skips`` counter) with the reasons it logged. A compiled decode whose graphs were skipped
+    runs kernel by kernel: slower, and silently so. Replays are counted too, because a graph recorded by
+    an earlier test of the session (same model, same shapes) is only replayed here."""
+    seen: dict[str, Any] = {"skips": 0, "recorded": 0, "replayed": 0, "reasons": []}
     try:
         from torch._dynamo.utils import counters
         from torch._inductor import cudagraph_trees
@@ -224,12 +229,19 @@ def cudagraph_activity() -> Iterator[dict[str, Any]]:
     import logging
 
     before = counters["inductor"]["cudagraph_skips"]
-    manager = getattr(cudagraph_trees, "CUDAGraphTreeManager", None)
-    original = getattr(manager, "record_function", None)
+    patches = []
+    for owner, name, key in (("CUDAGraphTreeManager", "record_function", "recorded"), ("CUDAGraphNode", "run", "replayed")):
+        cls = getattr(cudagraph_trees, owner, None)
+        original = getattr(cls, name, None)
+        if cls is None or original is None:
+            continue
 
-    def counting(self: Any, *args: Any, **kwargs: Any) -> Any:
-        seen["recorded"] += 1
-        return original(self, *args, **kwargs)  # type: ignore[misc]
+        def counting(self: Any, *args: Any, _original: Any = original, _key: str = key, **kwargs: Any) -> Any:
+            seen[_key] += 1
+            return _original(self, *args, **kwargs)
+
+        setattr(cls, name, counting)
+        patches.append((cls, name, original))
 
     class Reasons(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
@@ -241,13 +253,11 @@ def cudagraph_activity() -> Iterator[dict[str, Any]]:
     loggers = [logging.getLogger(name) for name in ("torch._inductor", "torch._inductor.cudagraph_utils", "torch._inductor.output_code")]
     for log in loggers:
         log.addHandler(handler)
-    if original is not None:
-        manager.record_function = counting  # type: ignore[union-attr]
     try:
         yield seen
     finally:
-        if original is not None:
-            manager.record_function = original  # type: ignore[union-attr]
+        for cls, name, original in patches:
+            setattr(cls, name, original)
         for log in loggers:
             log.removeHandler(handler)
         seen["skips"] = counters["inductor"]["cudagraph_skips"] - before
