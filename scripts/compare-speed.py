@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 FIGURES = ("speedup", "decode_speedup", "tokens_per_s", "decode_ms", "ttft_ms", "roofline_pct", "peak_memory_bytes")
 RUN_TOLERANCE = 0.05
@@ -20,7 +21,7 @@ INDEPENDENT_TOLERANCE = 0.10
 
 
 def results(path: str) -> dict[tuple[str, str, str], dict]:
-    doc = json.load(open(path, encoding="utf-8"))
+    doc = json.loads(Path(path).read_text(encoding="utf-8"))
     return {(r["model"], r["check"], r["variant"]): r for r in doc["results"] if r["suite"] == "performance"}
 
 
@@ -30,7 +31,7 @@ def main(argv: list[str]) -> int:
         return 2
     one, two = results(argv[0]), results(argv[1])
     bad = 0
-    print(f"| model | check | variant | figure | run 1 | run 2 | diff |\n|---|---|---|---|---|---|---|")
+    print("| model | check | variant | figure | run 1 | run 2 | diff |\n|---|---|---|---|---|---|---|")
     for key in sorted(one.keys() & two.keys()):
         a, b = one[key]["metrics"], two[key]["metrics"]
         for name in FIGURES:
@@ -43,10 +44,15 @@ def main(argv: list[str]) -> int:
             print(f"| {key[0]} | {key[1]} | {key[2]} | {name} | {x:.4g} | {y:.4g} | {diff:+.1%}{flag} |")
     print("\nstatus run 1 / run 2: " + ", ".join(f"{k[0]} {k[1]}[{k[2]}] {one[k]['status']}/{two[k]['status']}" for k in sorted(one.keys() & two.keys())))
     if len(argv) == 3:
-        independent = json.load(open(argv[2], encoding="utf-8"))["shapes"]
+        independent = json.loads(Path(argv[2]).read_text(encoding="utf-8"))["shapes"]
         print("\n| model | suite speedup run 1 | run 2 | independent | diff (run 1) | diff (run 2) |\n|---|---|---|---|---|---|")
         for model, figures in sorted(independent.items()):
-            suite = [r["metrics"].get("speedup") for r in (one, two) for k, r in [(k, r[k]) for k in r if k[0] == model and k[1] == "test_generate_speed" and k[2].startswith("static+compile/")]]
+            suite = [
+                run[k]["metrics"].get("speedup")
+                for run in (one, two)
+                for k in run
+                if k[0] == model and k[1] == "test_generate_speed" and k[2].startswith("static+compile/")
+            ]
             if len(suite) != 2 or None in suite:
                 print(f"| {model} | missing | | {figures['speedup']:.3g} | | |")
                 bad += 1
