@@ -173,7 +173,8 @@ def compare(
 
 def failure_text(check: str, findings: list[Finding]) -> str:
     """The failure message of a check: one line per regressed figure, then how to accept the new values."""
-    bad = [f for f in findings if f.verdict == "regression"]
+    order = list(POLICIES)
+    bad = sorted((f for f in findings if f.verdict == "regression"), key=lambda f: order.index(f.metric))
     lines = [f"{check}: {len(bad)} figure(s) left their baseline:"] + [f"  {f.message}" for f in bad]
     lines.append("  (if the change is intended, rerun with --llmopt-update-baselines and commit the file)")
     return "\n".join(lines)

@@ -149,7 +149,7 @@ class SpeedCheck:
                 target, ids, setup, extra, drafts, timed=self._benchmark_loop()
             )
         metrics: dict[str, Any] = dict(timing.metrics())
-        if not own:
+        if not own and timing.total_ms > 0 and timing.decode_ms > 0:
             metrics["speedup"] = reference.total_ms / timing.total_ms
             metrics["decode_speedup"] = reference.decode_ms / timing.decode_ms
             metrics["reference_total_ms"] = reference.total_ms
