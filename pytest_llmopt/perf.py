@@ -100,6 +100,48 @@ class PerfPlugin:
             "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
 
+    def judge(self, model: str, check: str, metrics: dict[str, Any]) -> tuple[list[B.Finding], dict[str, Any]]:
+        """Compare ``metrics`` with the stored baseline (or write them, with --llmopt-update-baselines).
+        Returns the findings (none when writing) and what to record about the baseline used."""
+        hardware = self.machine.hardware_id
+        same = self.store.get(hardware, model)
+        other = None if same is not None else self.store.other_hardware(hardware, model, self.machine.device_type)
+        findings = B.compare(check, metrics, same, other)
+        compared = [f for f in findings if f.baseline is not None]
+        note: dict[str, Any] = {}
+        if compared:
+            self.compared += 1
+            note = {"baseline": compared[0].source, "baseline_regressions": sum(f.verdict == "regression" for f in findings)}
+        if self.update:
+            self.written.add(self.store.update(hardware, model, self.environment(), check, metrics))
+            return [], note  # written on purpose: the new values are the baseline
+        if not compared:
+            self.missing.setdefault(self.store.path(hardware, model), []).append(check)
+            note["baseline"] = "missing"
+        return findings, note
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+        """Memory figures of the other suites (peak memory, footprints, cache sizes) are kept in the same
+        baseline files and judged the same way: a passed check whose figure left its baseline fails."""
+        report = yield
+        if call.when != "call" or not report.passed or "llmopt_speed" in getattr(item, "fixturenames", ()):
+            return report
+        from .report import PROPERTY
+
+        props = next((v for k, v in item.user_properties if k == PROPERTY and isinstance(v, dict)), None)
+        metrics = {k: v for k, v in (props or {}).get("metrics", {}).items() if k in B.MEMORY_METRICS}
+        if not metrics or "suite" not in props:  # type: ignore[operator]
+            return report
+        assert props is not None
+        extra = f"-{props['extra']}" if props.get("extra") else ""
+        check = f"{props['suite']}::{props['check']}[{props['variant']}{extra}]"
+        findings, _ = self.judge(props["model"], check, metrics)
+        if any(f.verdict == "regression" for f in findings):
+            report.outcome = "failed"
+            report.longrepr = B.failure_text(f"{props['variant']}@{props['model']}", findings)
+        return report
+
     @pytest.hookimpl
     def pytest_collection_finish(self, session: pytest.Session) -> None:
         """A malformed baseline file is one usage error naming it, before any test runs."""
@@ -143,7 +185,7 @@ class SpeedCheck:
         target = case.target
         ids = prompt_ids(target)
         own = case.variant == case.param.reference and not extra
-        reference = self._reference(case, ids)
+        reference = self._reference(case, ids, through_benchmark=own)
         with case.explain("timing"):
             timing, acceptance, compiled_calls = (reference, None, None) if own else time_runner(
                 target, ids, setup, extra, drafts, timed=self._benchmark_loop()
@@ -164,7 +206,7 @@ class SpeedCheck:
         case.record(**metrics)
         self._to_benchmark(case, metrics)
         problems = self._problems(case, timing, compiled_calls)
-        check = f"{case.node.fspath.purebasename.removeprefix('test_')}::{getattr(case.node, 'originalname', case.node.name)}[{case.variant.id}]"
+        check = f"{case.node.path.stem.removeprefix('test_')}::{getattr(case.node, 'originalname', case.node.name)}[{case.variant.id}]"
         spread_limit = _spread_limit(plugin.machine.device_type)
         noisy = max(timing.spread, reference.spread)
         if noisy > spread_limit and not problems:
@@ -181,12 +223,15 @@ class SpeedCheck:
             pytest.fail(text, pytrace=False)
         return metrics
 
-    def _reference(self, case: Any, ids: Any) -> Any:
+    def _reference(self, case: Any, ids: Any, through_benchmark: bool = False) -> Any:
+        """The reference's timing, measured once per model per session (through pytest-benchmark when this
+        test is the reference's own check)."""
         plugin = self.plugin
         key = (case.spec.name, case.param.reference.id)
         if key not in plugin.references:
+            timed = self._benchmark_loop() if through_benchmark else None
             with case.explain("timing the reference"):
-                plugin.references[key] = time_runner(case.reference, ids, plugin.setup, {}, False)[0]
+                plugin.references[key] = time_runner(case.reference, ids, plugin.setup, {}, False, timed=timed)[0]
         return plugin.references[key]
 
     def _problems(self, case: Any, timing: Any, compiled_calls: int | None) -> list[str]:
@@ -207,22 +252,8 @@ class SpeedCheck:
         return out
 
     def _baseline(self, case: Any, check: str, metrics: dict[str, Any]) -> list[B.Finding]:
-        plugin = self.plugin
-        hardware = plugin.machine.hardware_id
-        model = case.spec.name
-        same = plugin.store.get(hardware, model)
-        other = None if same is not None else plugin.store.other_hardware(hardware, model, plugin.machine.device_type)
-        findings = B.compare(check, metrics, same, other)
-        compared = [f for f in findings if f.baseline is not None]
-        if compared:
-            plugin.compared += 1
-            case.record(baseline=str(compared[0].source), baseline_regressions=sum(f.verdict == "regression" for f in findings))
-        if plugin.update:
-            plugin.written.add(plugin.store.update(hardware, model, plugin.environment(), check, metrics))
-            return []  # written on purpose: the new values are the baseline
-        if not compared:
-            plugin.missing.setdefault(plugin.store.path(hardware, model), []).append(check)
-            case.record(baseline="missing")
+        findings, note = self.plugin.judge(case.spec.name, check, metrics)
+        case.record(**note)
         return findings
 
     def _benchmark_loop(self) -> Any:

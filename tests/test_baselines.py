@@ -194,3 +194,20 @@ def test_weight_bytes_count_the_embedding_table_only_when_the_head_reads_it(tied
     assert T.weight_bytes_per_token(model) == (everything if tied else everything - 100 * 16 * 4)
     figures = T.roofline(model, prompt_len=8, new_tokens=8, bandwidth=1e9, decode_ms=1.0)
     assert figures["roofline_pct"] == pytest.approx(100 * figures["roofline_floor_ms"])
+
+
+def test_baseline_options_resolve_like_the_others(tmp_path: Path) -> None:
+    from pytest_llmopt.settings import resolve
+
+    ini = tmp_path / "proj" / "pytest.ini"
+    ini.parent.mkdir()
+    s = resolve({}, {}, {"llmopt_baselines": "perf/baselines"}, ini, tmp_path)
+    assert s.baselines == ini.parent / "perf" / "baselines" and s.update_baselines is False  # ini: relative to the ini file
+    s = resolve({}, {"LLMOPT_BASELINES": "mine", "LLMOPT_UPDATE_BASELINES": "1"}, {"llmopt_baselines": "x"}, ini, tmp_path)
+    assert s.baselines == tmp_path / "mine" and s.update_baselines is True  # env beats ini, relative to cwd
+    s = resolve({"llmopt_baselines": "cli", "llmopt_update_baselines": "true"}, {"LLMOPT_BASELINES": "mine"}, {}, None, tmp_path)
+    assert s.baselines == tmp_path / "cli" and s.sources["baselines"] == "--llmopt-baselines"
+    assert resolve({}, {}, {}, None, tmp_path).baselines is None  # the plugin then uses <rootdir>/baselines
+    (tmp_path / "file").write_text("")
+    with pytest.raises(pytest.UsageError, match=r"bad value --llmopt-baselines=file: not a directory: .*file"):
+        resolve({"llmopt_baselines": "file"}, {}, {}, None, tmp_path)

@@ -162,3 +162,31 @@ def test_a_wide_spread_is_inconclusive_and_not_written(pytester: pytest.Pytester
     result.assert_outcomes(skipped=1)
     result.stdout.fnmatch_lines(["*inconclusive: the runs spread *% (interquartile range over median of 5 runs; bound 25%)*"])
     assert not list(tmp_path.rglob("*.json"))
+
+
+def test_memory_figures_of_other_suites_are_kept_and_judged(pytester: pytest.Pytester, clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A memory suite's recorded figure (here a static-cache size) is written with the others, and a
+    larger one later fails its check, naming the figure, the baseline, the value and the tolerance."""
+    pytester.makepyfile(
+        test_memory_like="""
+        import os
+        import pytest
+
+        @pytest.mark.llmopt(cache="static")
+        def test_cache_size(llmopt_case):
+            llmopt_case.record(static_cache_bytes=int(os.environ["CACHE_BYTES"]), unrelated_figure=1)
+        """
+    )
+    clean_env.setenv("CACHE_BYTES", "4096")
+    pytester.runpytest(f"--llmopt-baselines={tmp_path}", "--llmopt-update-baselines", "-p", "no:cacheprovider").assert_outcomes(passed=1)
+    doc = json.loads(baseline_file(tmp_path).read_text())
+    assert doc["checks"] == {
+        "memory_like::test_cache_size[static/sdpa/fp32]": {
+            "static_cache_bytes": {"value": 4096.0, "tolerance": 0.0, "direction": "lower", "kind": "absolute"}
+        }
+    }
+    pytester.runpytest(f"--llmopt-baselines={tmp_path}", "-p", "no:cacheprovider").assert_outcomes(passed=1)
+    clean_env.setenv("CACHE_BYTES", "8192")
+    result = pytester.runpytest(f"--llmopt-baselines={tmp_path}", "-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*static_cache_bytes: measured 8192, baseline 4096 (+100.0%; tolerance 0% absolute, lower is better)*"])
