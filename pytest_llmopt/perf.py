@@ -191,6 +191,9 @@ class SpeedCheck:
                 target, ids, setup, extra, drafts, timed=self._benchmark_loop()
             )
         metrics: dict[str, Any] = dict(timing.metrics())
+        if timing.peak_memory_bytes is not None:
+            # this model's weights + what the path allocated: independent of other models the session keeps
+            metrics["peak_memory_bytes"] = timing.peak_memory_bytes + _weight_bytes(target.model)
         if not own and timing.total_ms > 0 and timing.decode_ms > 0:
             metrics["speedup"] = reference.total_ms / timing.total_ms
             metrics["decode_speedup"] = reference.decode_ms / timing.decode_ms
@@ -342,6 +345,11 @@ def time_runner(runner: Any, ids: Any, setup: Setup, extra: dict[str, Any], draf
                 out = model.generate(input_ids=ids, attention_mask=mask, logits_processor=LogitsProcessorList(processors), **kwargs)
         return out.sequences
 
+    # transformers sizes a new static cache to the longest one this model has seen (_previous_max_cache_length)
+    # and older releases keep it on the model (_cache): forget both, so an earlier check's longer prompt does
+    # not change what is timed here (the warm-ups absorb a recompile this may cause).
+    for name in ("_previous_max_cache_length", "_cache"):
+        runner.model.__dict__.pop(name, None)
     auto = variant.compile == "auto"
     warmups = setup.warmups_compiled if variant.compile != "off" else setup.warmups
     with _maybe(compat.track_drafts() if drafts else None) as stats, _maybe(compat.count_compiled_calls(runner.model) if auto else None) as calls:
@@ -357,6 +365,10 @@ def _maybe(manager: Any) -> Iterator[Any]:
         return
     with manager as value:
         yield value
+
+
+def _weight_bytes(model: Any) -> int:
+    return int(sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]))
 
 
 def _driver_version() -> str | None:

@@ -48,7 +48,7 @@ class Timing:
 
     runs: list[Run]
     warmup_ms: list[float] = field(default_factory=list)
-    peak_memory_bytes: int | None = None
+    peak_memory_bytes: int | None = None  # above the level before the warm-ups (perf adds the weights)
     cudagraph_skips: int | None = None
     cudagraphs_recorded: int | None = None
     cudagraph_replays: int | None = None
@@ -193,6 +193,7 @@ def measure(
     """
     cuda = device.type == "cuda"
     warm: list[float] = []
+    base = torch.cuda.memory_allocated(device) if cuda else 0
     with cudagraph_activity() as graphs:
         for _ in range(warmups):
             warm.append(timed_call(generate, device, prompt_len, new_tokens).total_ms)
@@ -205,7 +206,9 @@ def measure(
         runs = timed(one_run, repeats) if timed is not None else [one_run() for _ in range(repeats)]
     timing = Timing(runs, warm)
     if cuda:
-        timing.peak_memory_bytes = int(torch.cuda.max_memory_allocated(device))
+        # Above the level before the first warm-up: what this path adds to its weights (cache, activations,
+        # graph pools), whatever else the session keeps on the card.
+        timing.peak_memory_bytes = int(torch.cuda.max_memory_allocated(device)) - base
         timing.cudagraph_skips = graphs["skips"]
         timing.cudagraphs_recorded = graphs["recorded"]
         timing.cudagraph_replays = graphs["replayed"]
