@@ -208,7 +208,7 @@ def measure(
     if cuda:
         # Above the level before the first warm-up: what this path adds to its weights (cache, activations,
         # graph pools), whatever else the session keeps on the card.
-        timing.peak_memory_bytes = int(torch.cuda.max_memory_allocated(device)) - base
+        timing.peak_memory_bytes = max(0, int(torch.cuda.max_memory_allocated(device)) - base)
         timing.cudagraph_skips = graphs["skips"]
         timing.cudagraphs_recorded = graphs["recorded"]
         timing.cudagraph_replays = graphs["replayed"]
@@ -246,8 +246,13 @@ def cudagraph_activity() -> Iterator[dict[str, Any]]:
         setattr(cls, name, counting)
         patches.append((cls, name, original))
 
+    handled: set[int] = set()
+
     class Reasons(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
+            if id(record) in handled:  # a record propagates to each parent logger holding the handler
+                return
+            handled.add(id(record))
             text = record.getMessage()
             if "cudagraph" in text.lower() and "skip" in text.lower():
                 seen["reasons"].append(text.splitlines()[0][:300])

@@ -211,3 +211,20 @@ def test_baseline_options_resolve_like_the_others(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     with pytest.raises(pytest.UsageError, match=r"bad value --llmopt-baselines=file: not a directory: .*file"):
         resolve({"llmopt_baselines": "file"}, {}, {}, None, tmp_path)
+
+
+def test_cudagraph_activity_counts_skips_with_reasons_and_restores_inductor() -> None:
+    """The counters CUDA runs read (no CUDA here: skips and log lines are produced by hand)."""
+    import logging
+
+    from torch._dynamo.utils import counters
+    from torch._inductor import cudagraph_trees
+
+    run, record = cudagraph_trees.CUDAGraphNode.run, cudagraph_trees.CUDAGraphTreeManager.record_function
+    with T.cudagraph_activity() as seen:
+        assert cudagraph_trees.CUDAGraphNode.run is not run  # counting wrappers in place
+        counters["inductor"]["cudagraph_skips"] += 2
+        logging.getLogger("torch._inductor.cudagraph_utils").warning("skipping cudagraphs due to mutated inputs (1 instances)")
+    assert seen["skips"] == 2 and seen["recorded"] == 0 and seen["replayed"] == 0
+    assert seen["reasons"] == ["skipping cudagraphs due to mutated inputs (1 instances)"]
+    assert cudagraph_trees.CUDAGraphNode.run is run and cudagraph_trees.CUDAGraphTreeManager.record_function is record
