@@ -255,7 +255,17 @@ class SpeedCheck:
         return out
 
     def _baseline(self, case: Any, check: str, metrics: dict[str, Any]) -> list[B.Finding]:
-        findings, note = self.plugin.judge(case.spec.name, check, metrics)
+        plugin = self.plugin
+        same = plugin.store.get(plugin.machine.hardware_id, case.spec.name)
+        stored = (same.environment.get("setup") if same else None) or None
+        current = plugin.environment()["setup"]
+        if stored is not None and stored != current and not plugin.update:
+            pytest.fail(
+                f"{case.label}: the baseline {same.path} was measured with {stored}, this run with {current}: "  # type: ignore[union-attr]
+                "not comparable; rerun with --llmopt-update-baselines",
+                pytrace=False,
+            )
+        findings, note = plugin.judge(case.spec.name, check, metrics)
         case.record(**note)
         return findings
 

@@ -190,3 +190,15 @@ def test_memory_figures_of_other_suites_are_kept_and_judged(pytester: pytest.Pyt
     result = pytester.runpytest(f"--llmopt-baselines={tmp_path}", "-p", "no:cacheprovider")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*static_cache_bytes: measured 8192, baseline 4096 (+100.0%; tolerance 0% absolute, lower is better)*"])
+
+
+def test_a_baseline_of_another_timing_setup_is_not_compared(pytester: pytest.Pytester, clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    simulated_device(clean_env)
+    run(pytester, tmp_path, "test_generate_speed and dynamic", "--llmopt-update-baselines").assert_outcomes(passed=1)
+    path = baseline_file(tmp_path)
+    doc = json.loads(path.read_text())
+    doc["environment"]["setup"]["new_tokens"] = 128
+    path.write_text(json.dumps(doc))
+    result = run(pytester, tmp_path, "test_generate_speed and dynamic")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*was measured with {*'new_tokens': 128*}, this run with {*'new_tokens': 16*}: not comparable*"])
