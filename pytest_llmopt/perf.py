@@ -217,6 +217,8 @@ class SpeedCheck:
                 f"inconclusive: the runs spread {noisy:.0%} (interquartile range over median of {setup.repeats} runs; "
                 f"bound {spread_limit:.0%}), too wide for a verdict; figures recorded, not compared"
             )
+        if problems and plugin.update:
+            pytest.fail("\n".join(problems) + "\n(figures not written to the baseline)", pytrace=False)
         findings = self._baseline(case, check, metrics)
         bad = [f for f in findings if f.verdict == "regression"]
         if problems or bad:
