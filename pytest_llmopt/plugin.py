@@ -46,6 +46,10 @@ def pytest_configure(config: pytest.Config) -> None:
         return
     settings = settings_module.from_config(config)
     config.stash[SETTINGS_KEY] = settings
+    # Speed checks and stored baselines (perf imports no torch until a speed check runs).
+    from .perf import PerfPlugin
+
+    config.pluginmanager.register(PerfPlugin(config, settings), "llmopt-perf")
     if not hasattr(config, "workerinput"):  # xdist workers hand their reports to the controller
         config.pluginmanager.register(ResultsPlugin(config), "llmopt-results")
     if asked_for(settings):

@@ -152,6 +152,16 @@ def _output_path(raw: Any, base: Path) -> Path | None:
     return path
 
 
+def _directory(raw: Any, base: Path) -> Path | None:
+    text = _optional_text(raw, base)
+    if text is None:
+        return None
+    path = (base / Path(text).expanduser()).resolve()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"not a directory: {path}")
+    return path
+
+
 def _int_in(low: int, high: int) -> Callable[[Any, Path], int]:
     def convert(raw: Any, base: Path) -> int:
         try:
@@ -234,6 +244,22 @@ OPTIONS: tuple[OptionSpec, ...] = (
         _output_path,
         "PATH",
     ),
+    OptionSpec(
+        "baselines",
+        "directory of stored speed and memory baselines (<dir>/<hardware>/<model>.json; "
+        "default: baselines/ in the rootdir)",
+        "str",
+        None,
+        _directory,
+        "DIR",
+    ),
+    OptionSpec(
+        "update-baselines",
+        "write the figures measured in this run into the baselines directory (off unless given)",
+        "bool",
+        False,
+        _bool,
+    ),
 )
 
 
@@ -251,6 +277,8 @@ class Settings:
     seed: int = 0
     new_tokens: int = 24
     report: Path | None = None
+    baselines: Path | None = None
+    update_baselines: bool = False
     sources: dict[str, str] = field(default_factory=dict)
 
 
@@ -299,6 +327,8 @@ def resolve(
         seed=values["llmopt_seed"],
         new_tokens=values["llmopt_new_tokens"],
         report=values["llmopt_report"],
+        baselines=values["llmopt_baselines"],
+        update_baselines=values["llmopt_update_baselines"],
         sources=sources,
     )
 

@@ -21,6 +21,8 @@ SAMPLES = {
     "seed": ("7", 7),
     "new-tokens": ("5", 5),
     "report": ("out.json", None),  # a path: tested apart
+    "baselines": (None, None),  # a directory: tests/test_baselines.py
+    "update-baselines": ("yes", True),
 }
 ANOTHER = {
     "model": "tiny-gemma2",
@@ -31,6 +33,7 @@ ANOTHER = {
     "trust-remote-code": "0",
     "seed": "9",
     "new-tokens": "6",
+    "update-baselines": "0",
 }
 
 
