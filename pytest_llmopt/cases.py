@@ -302,8 +302,8 @@ class Case:
 
     def check_distribution(self, runner: Runner, text: str, samples: int, new_tokens: int, what: str = "", **extra: Any) -> Any:
         """Fail unless sampled continuations of ``text`` on ``runner`` (with ``extra`` generate arguments,
-        e.g. an assistant) follow the plain model's distribution (equivalence.distribution_test)."""
-        from .equivalence import distribution_test
+        e.g. an assistant) follow the plain model's distribution (distribution.distribution_test)."""
+        from .distribution import distribution_test
 
         plain = self.runner(self.param.reference)
         ids, _ = plain.encode(text)

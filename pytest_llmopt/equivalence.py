@@ -13,12 +13,7 @@ the reference's tokens and judged at every remaining position, so a bug that sta
 early tie. A near-tie needs no rule of its own: two tokens can only swap places when both paths' logits are
 within their noise of each other.
 
-Sampling paths cannot be compared token by token. ``distribution_test`` checks that sampled
-continuations follow the target model's distribution: each sampled token becomes a randomized
-probability-integral-transform value u = F(x-) + V p(x) under the target's exact next-token
-distribution; under the null hypothesis all u are independent Uniform(0, 1) (Rosenblatt), whatever
-the prompt, position or vocabulary, and a one-sample Kolmogorov-Smirnov test gives a p-value. The
-false-alarm rate is ALPHA per test.
+Sampling paths cannot be compared token by token: distribution.py tests them.
 """
 
 from __future__ import annotations
@@ -82,8 +77,6 @@ def error_stats(candidate: torch.Tensor, reference: torch.Tensor, valid: torch.T
         per_position=rms.cpu(),
     )
 
-
-ALPHA = 1e-3  # false-alarm rate of one distribution test (fixed seeds make a given stack's verdict repeatable)
 
 # The noise-floor rule (module docstring). A path passes when, on each statistic of FLOOR_STATISTICS, its error
 # against the higher-precision reference is at most FLOOR_FACTOR[run dtype] times the plain path's error on the
@@ -349,99 +342,3 @@ def compare_logits(
         if reproduce:
             verdict.message += f"\n  reproduce: {reproduce}"
     return verdict
-
-
-# --------------------------------------------------------------------------------------------------
-# Distributions of sampling paths
-
-
-def kolmogorov_pvalue(statistic: float, n: int) -> float:
-    """P(D_n >= statistic) for the one-sample KS test, by Stephens' approximation (fine for n >= 35)."""
-    if n <= 0:
-        return 1.0
-    root = math.sqrt(n)
-    x = statistic * (root + 0.12 + 0.11 / root)
-    if x < 0.2:
-        return 1.0
-    total = 0.0
-    for k in range(1, 101):
-        term = (-1) ** (k - 1) * math.exp(-2.0 * k * k * x * x)
-        total += term
-        if abs(term) < 1e-12:
-            break
-    return max(0.0, min(1.0, 2.0 * total))
-
-
-def ks_uniform(values: torch.Tensor) -> tuple[float, float]:
-    """One-sample KS statistic and p-value of ``values`` against Uniform(0, 1)."""
-    u = values.double().flatten().sort().values
-    n = u.numel()
-    ranks = torch.arange(1, n + 1, dtype=torch.float64)
-    d_plus = (ranks / n - u).max()
-    d_minus = (u - (ranks - 1) / n).max()
-    statistic = float(torch.maximum(d_plus, d_minus))
-    return statistic, kolmogorov_pvalue(statistic, n)
-
-
-def randomized_pit(probs: torch.Tensor, tokens: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """u = F(x-) + V p(x) with tokens ordered by decreasing probability (ties by id).
-
-    ``probs`` [..., V] are the exact next-token distributions, ``tokens`` [...] the sampled tokens.
-    Ordering by probability makes the test most sensitive to a sampler that picks unlikely tokens
-    too often (or likely ones too rarely), which is what a wrong acceptance rule does.
-    """
-    order = torch.argsort(probs, dim=-1, descending=True, stable=True)
-    sorted_probs = torch.gather(probs, -1, order)
-    cdf = sorted_probs.cumsum(-1)
-    rank = torch.argsort(order, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    p_x = sorted_probs.gather(-1, rank.unsqueeze(-1)).squeeze(-1)
-    before = cdf.gather(-1, rank.unsqueeze(-1)).squeeze(-1) - p_x
-    v = torch.rand(tokens.shape, generator=generator, dtype=probs.dtype)
-    return (before + v * p_x).clamp(0.0, 1.0)
-
-
-@dataclass
-class DistributionVerdict:
-    ok: bool
-    statistic: float
-    pvalue: float
-    samples: int
-    values: int
-    message: str = ""
-
-
-def distribution_test(
-    samples: torch.Tensor,
-    prompt_ids: torch.Tensor,
-    exact_probs: Callable[[torch.Tensor], torch.Tensor],
-    seed: int,
-    label: str = "",
-    reproduce: str = "",
-    alpha: float = ALPHA,
-) -> DistributionVerdict:
-    """Do ``samples`` [N, L] (new tokens after ``prompt_ids`` [P]) follow the target distribution?
-
-    ``exact_probs(full_ids [n, P+L]) -> [n, L, V]`` gives the target's processed next-token
-    distribution at every generated position (teacher forcing).
-    """
-    generator = torch.Generator().manual_seed(seed)
-    full = torch.cat([prompt_ids.expand(samples.shape[0], -1), samples], dim=1)
-    probs = exact_probs(full).double()
-    u = randomized_pit(probs, samples, generator)
-    statistic, pvalue = ks_uniform(u)
-    ok = pvalue >= alpha
-    message = ""
-    if not ok:
-        hist = torch.histc(u.float(), bins=10, min=0.0, max=1.0).int().tolist()
-        message = (
-            f"{label}: sampled tokens do not follow the target model's distribution\n"
-            f"  Kolmogorov-Smirnov on {u.numel()} PIT values from {samples.shape[0]} samples: D = {statistic:.4f}, "
-            f"p = {pvalue:.2e} < alpha {alpha:g} (false-alarm rate of this test)\n"
-            f"  PIT histogram (10 bins, uniform expected {u.numel() // 10} each): {hist}\n"
-            f"  mass in the upper half means unlikely tokens are sampled too often (e.g. drafts accepted without the p/q test)"
-        )
-        if reproduce:
-            message += f"\n  reproduce: {reproduce}"
-    return DistributionVerdict(ok, statistic, pvalue, samples.shape[0], u.numel(), message)
-
-

@@ -256,8 +256,8 @@ def _saved_builtin(name: str, seed: int, dtype: str = "float32", device: str = "
     from . import compat
 
     folder = Path(tempfile.mkdtemp(prefix=f"llmopt-{name}-"))
-    where = (getattr(torch, dtype), device) if name in zoo.SHAPES else (torch.float32, "cpu")
-    model = zoo.build_builtin(name, seed, *where, compat.from_config)
+    dtype_on, device_on = (getattr(torch, dtype), device) if name in zoo.SHAPES else (torch.float32, "cpu")
+    model = zoo.build_builtin(name, seed, dtype_on, device_on, compat.from_config)
     model.save_pretrained(folder)
     del model
     release_memory()

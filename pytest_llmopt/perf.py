@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 
-from . import baselines as B
+from . import baselines as bl
 
 PROMPT_TOKENS = 32
 
@@ -55,7 +55,7 @@ class PerfPlugin:
     def __init__(self, config: pytest.Config, settings: Any) -> None:
         self.config = config
         self.root = settings.baselines or Path(config.rootpath) / "baselines"
-        self.store = B.Store(self.root)
+        self.store = bl.Store(self.root)
         self.update = settings.update_baselines
         self.references: dict[tuple[str, str], Any] = {}
         self._bandwidth: float | None = None
@@ -105,13 +105,13 @@ class PerfPlugin:
             "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
 
-    def judge(self, model: str, check: str, metrics: dict[str, Any]) -> tuple[list[B.Finding], dict[str, Any]]:
+    def judge(self, model: str, check: str, metrics: dict[str, Any]) -> tuple[list[bl.Finding], dict[str, Any]]:
         """Compare ``metrics`` with the stored baseline (or write them, with --llmopt-update-baselines).
         Returns the findings (none when writing) and what to record about the baseline used."""
         hardware = self.machine.hardware_id
         same = self.store.get(hardware, model)
         other = None if same is not None else self.store.other_hardware(hardware, model, self.machine.device_type)
-        findings = B.compare(check, metrics, same, other)
+        findings = bl.compare(check, metrics, same, other)
         compared = [f for f in findings if f.baseline is not None]
         note: dict[str, Any] = {}
         if compared:
@@ -135,7 +135,7 @@ class PerfPlugin:
         from .report import PROPERTY
 
         props = next((v for k, v in item.user_properties if k == PROPERTY and isinstance(v, dict)), None)
-        metrics = {k: v for k, v in (props or {}).get("metrics", {}).items() if k in B.MEMORY_METRICS}
+        metrics = {k: v for k, v in (props or {}).get("metrics", {}).items() if k in bl.MEMORY_METRICS}
         if not metrics or "suite" not in props:  # type: ignore[operator]
             return report
         assert props is not None
@@ -144,7 +144,7 @@ class PerfPlugin:
         findings, _ = self.judge(props["model"], check, metrics)
         if any(f.verdict == "regression" for f in findings):
             report.outcome = "failed"
-            report.longrepr = B.failure_text(f"{props['variant']}@{props['model']}", findings)
+            report.longrepr = bl.failure_text(f"{props['variant']}@{props['model']}", findings)
         return report
 
     @pytest.hookimpl
@@ -154,7 +154,7 @@ class PerfPlugin:
             return
         try:
             self.store.validate(self.machine.hardware_id, [spec.name for spec in self.llmopt.models])
-        except B.BaselineError as exc:
+        except bl.BaselineError as exc:
             raise pytest.UsageError(f"pytest-llmopt: malformed baseline file {exc}") from None
 
     @pytest.hookimpl
@@ -229,7 +229,7 @@ class SpeedCheck:
         if problems or bad:
             text = "\n".join(problems)
             if bad:
-                text += ("\n" if text else "") + B.failure_text(f"{case.label}", findings)
+                text += ("\n" if text else "") + bl.failure_text(f"{case.label}", findings)
             pytest.fail(text, pytrace=False)
         return metrics
 
@@ -261,7 +261,7 @@ class SpeedCheck:
                 out.append(f"{case.label}: the compiled decode neither recorded nor replayed a CUDA graph (mode reduce-overhead expected)")
         return out
 
-    def _baseline(self, case: Any, check: str, metrics: dict[str, Any]) -> list[B.Finding]:
+    def _baseline(self, case: Any, check: str, metrics: dict[str, Any]) -> list[bl.Finding]:
         plugin = self.plugin
         same = plugin.store.get(plugin.machine.hardware_id, case.spec.name)
         stored = (same.environment.get("setup") if same else None) or None
@@ -339,7 +339,7 @@ def time_runner(runner: Any, ids: Any, setup: Setup, extra: dict[str, Any], draf
     """Time ``runner``'s variant on ``ids``: (Timing, acceptance rate or None, compiled forward calls or None)."""
     import torch
 
-    from . import compat
+    from . import compat, instrumentation
     from .timing import measure
 
     variant = runner.variant
@@ -369,7 +369,7 @@ def time_runner(runner: Any, ids: Any, setup: Setup, extra: dict[str, Any], draf
         runner.model.__dict__.pop(name, None)
     auto = variant.compile == "auto"
     warmups = setup.warmups_compiled if variant.compile != "off" else setup.warmups
-    with _maybe(compat.track_drafts() if drafts else None) as stats, _maybe(compat.count_compiled_calls(runner.model) if auto else None) as calls:
+    with _maybe(instrumentation.track_drafts() if drafts else None) as stats, _maybe(instrumentation.count_compiled_calls(runner.model) if auto else None) as calls:
         timing = measure(generate, torch.device(runner.machine.device), ids.shape[1], setup.new_tokens, setup.repeats, warmups, timed)
     acceptance = stats.acceptance_rate if stats is not None else None
     return timing, acceptance, (calls["calls"] if calls is not None else None)

@@ -151,7 +151,7 @@ def _no_init() -> Iterator[None]:
         from transformers.initialization import no_init_weights
     except ImportError:
         try:
-            from transformers.modeling_utils import no_init_weights
+            from transformers.modeling_utils import no_init_weights  # type: ignore[attr-defined,no-redef]
         except ImportError:
             yield
             return

@@ -115,7 +115,7 @@ def relative_spread(values: list[float]) -> float:
     return (q3 - q1) / statistics.median(values)
 
 
-class ShortOutput(AssertionError):
+class ShortOutputError(AssertionError):
     """generate() returned fewer or more tokens than forced: the timing would compare different work."""
 
 
@@ -156,9 +156,9 @@ def timed_call(generate: Callable[[list[Any]], torch.Tensor], device: torch.devi
         end.synchronize()
     produced = int(sequences.shape[-1]) - prompt_len
     if produced != new_tokens:
-        raise ShortOutput(f"generate() returned {produced} new tokens instead of the forced {new_tokens}: not comparable")
+        raise ShortOutputError(f"generate() returned {produced} new tokens instead of the forced {new_tokens}: not comparable")
     if not clock.marks:
-        raise ShortOutput("the step clock never ran: generate() ignored logits_processor")
+        raise ShortOutputError("the step clock never ran: generate() ignored logits_processor")
     first = clock.marks[0]
     total = clock.ms(start, end)
     ttft = clock.ms(start, first)
@@ -226,7 +226,7 @@ def cudagraph_activity() -> Iterator[dict[str, Any]]:
     try:
         from torch._dynamo.utils import counters
         from torch._inductor import cudagraph_trees
-    except Exception:  # noqa: BLE001 - no inductor: nothing to count
+    except Exception:
         yield seen
         return
     import logging

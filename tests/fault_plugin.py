@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import os
 
-import pytest
-
 import faults
+import pytest
 
 
 def pytest_configure(config: pytest.Config) -> None:

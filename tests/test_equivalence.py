@@ -6,16 +6,13 @@ import math
 
 import torch
 
+from pytest_llmopt.distribution import distribution_test, kolmogorov_pvalue, ks_uniform, randomized_pit
 from pytest_llmopt.equivalence import (
     FLOOR_FACTOR,
     Generation,
     compare_greedy,
     compare_logits,
-    distribution_test,
     error_stats,
-    kolmogorov_pvalue,
-    ks_uniform,
-    randomized_pit,
 )
 
 VOCAB = 8

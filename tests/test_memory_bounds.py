@@ -8,8 +8,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import SUITES
 
+from conftest import SUITES
 from pytest_llmopt import memory
 
 

@@ -20,8 +20,9 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import SUITES
 from faults import auto_compile_stays_eager
+
+from conftest import SUITES
 
 PREFILL_S = 0.005
 EAGER_STEP_S = 0.008
