@@ -91,7 +91,7 @@ def test_update_writes_only_measured_figures_and_keeps_tuned_tolerances(tmp_path
     assert "total_ms" not in doc.checks[CHECK]  # not a baselined figure
     assert doc.checks[kept_check]["speedup"].value == 0.8
     assert doc.environment == {"torch": "new"}
-    assert sorted(p.name for p in path.parent.iterdir()) == ["llama-1b-shape.json", "llama-1b-shape.json.lock"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["llama-1b-shape.json"]  # no temporary or lock file left
 
 
 def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
