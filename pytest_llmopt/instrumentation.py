@@ -48,6 +48,20 @@ class DraftStats:
         return self.accepted / self.proposed if self.proposed else None
 
 
+_UNCOUNTED = {"depth": 0}
+
+
+@contextlib.contextmanager
+def uncounted() -> Iterator[None]:
+    """Generations meanwhile do not count in ``track_drafts`` (a teacher-forced replay steers the draft too,
+    so its acceptance says nothing about the path)."""
+    _UNCOUNTED["depth"] += 1
+    try:
+        yield
+    finally:
+        _UNCOUNTED["depth"] -= 1
+
+
 @contextlib.contextmanager
 def track_drafts() -> Iterator[DraftStats]:
     """Count proposed and accepted draft tokens of every candidate generator built meanwhile.
@@ -71,6 +85,8 @@ def track_drafts() -> Iterator[DraftStats]:
             return candidate_ids, logits
 
         def counted_update(input_ids: torch.Tensor, scores: torch.Tensor, num_matches: Any) -> Any:
+            if _UNCOUNTED["depth"]:
+                return update(input_ids, scores, num_matches)
             stats.proposed += pending["n"]
             stats.accepted += min(int(num_matches), pending["n"])
             stats.steps += 1

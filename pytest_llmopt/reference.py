@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from copy import deepcopy
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +57,8 @@ class Precise:
 
     def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
         assert self.model is not None
+        if self.model.config._attn_implementation != "eager" and not _quantized(self.model):
+            raise RuntimeError(f"the {self.name} runs {self.model.config._attn_implementation} attention, not eager: its config is shared")
         device = next(self.model.parameters()).device
         kwargs: dict[str, Any] = {"input_ids": input_ids.to(device), "use_cache": False}
         if position_ids is not None and "position_ids" in _forward_params(self.model):
@@ -91,8 +94,12 @@ def precise_for(model: Any, run_dtype: str) -> Precise:
     return cached
 
 
+def _quantized(model: Any) -> bool:
+    return getattr(model, "hf_quantizer", None) is not None or bool(getattr(model, "is_quantized", False))
+
+
 def _make(model: Any, dtype: torch.dtype) -> Precise:
-    if getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_quantized", False):
+    if _quantized(model):
         # Quantized weights have no higher-precision copy here: the documented fallback is the model's own
         # cache-free forward in its compute dtype (still independent of the cache and decoding code).
         return Precise(model, "the quantized model's own cache-free forward (no higher-precision copy of quantized weights)")
@@ -135,8 +142,9 @@ def _copy(model: Any, dtype: torch.dtype, device: torch.device) -> Any:
     weights loaded into it (upcast on the way): no second run-dtype copy is ever made."""
     from . import compat
 
+    # Its own config: attention is switched on the run copy's config object, which must not reach this one.
     with _no_init(), torch.device(device):
-        copy = compat.from_config(model.config, dtype, "eager")
+        copy = compat.from_config(deepcopy(model.config), dtype, "eager")
     copy.load_state_dict(model.state_dict(), strict=True)
     if hasattr(copy, "tie_weights"):
         copy.tie_weights()
