@@ -192,3 +192,26 @@ def test_reports_keep_their_status_strings(tmp_path: Path) -> None:
     path.write_text(json.dumps(doc))
     with pytest.raises(ReportError, match="unknown status 'exploded'"):
         load(path)
+
+
+def test_compare_needs_neither_pytest_nor_torch(tmp_path: Path) -> None:
+    """The tox gate env installs the package with --no-deps: `llmopt compare` must import nothing else."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    report = _write(tmp_path / "r.json", [_result()])
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('pytest', '_pytest', 'pluggy', 'torch', 'transformers', 'packaging'):\n"
+        "            raise ImportError('blocked ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from pytest_llmopt.cli import main\n"
+        f"sys.exit(main(['compare', {str(report)!r}, {str(report)!r}]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "## llmopt compare: PASS" in done.stdout
