@@ -24,7 +24,7 @@ import contextlib
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,8 +52,9 @@ SETUPS = {"cuda": Setup(64, 5, 1, 2), "cpu": Setup(16, 5, 1, 2)}
 class PerfPlugin:
     """Session state of the speed checks: the baseline store, reference timings, the card's bandwidth."""
 
-    def __init__(self, config: pytest.Config, settings: Any) -> None:
+    def __init__(self, config: pytest.Config, settings: Any, session: Callable[[], Any]) -> None:
         self.config = config
+        self._session = session  # builds the llmopt session on first need (plugin.session_of)
         self.root = settings.baselines or Path(config.rootpath) / "baselines"
         self.store = bl.Store(self.root)
         self.update = settings.update_baselines
@@ -66,9 +67,7 @@ class PerfPlugin:
     @property
     def llmopt(self) -> Any:
         """The llmopt session, built on first need (the plugin stays free when llmopt is not asked for)."""
-        from .plugin import session_of
-
-        return session_of(self.config)
+        return self._session()
 
     @property
     def machine(self) -> Any:

@@ -49,7 +49,7 @@ def pytest_configure(config: pytest.Config) -> None:
     # Speed checks and stored baselines (perf imports no torch until a speed check runs).
     from .perf import PerfPlugin
 
-    config.pluginmanager.register(PerfPlugin(config, settings), "llmopt-perf")
+    config.pluginmanager.register(PerfPlugin(config, settings, lambda: session_of(config)), "llmopt-perf")
     if not hasattr(config, "workerinput"):  # xdist workers hand their reports to the controller
         config.pluginmanager.register(ResultsPlugin(config), "llmopt-results")
     if asked_for(settings):
