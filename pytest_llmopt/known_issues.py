@@ -85,6 +85,14 @@ KNOWN_ISSUES: tuple[KnownIssue, ...] = (
         "for flex_attention's CPU decode kernel when the mask is more than causal (padding, a sliding window)",
     ),
     KnownIssue(
+        id="torch-flex-attention-cpu-decode",
+        applies=lambda cache, attention, device: attention == "flex_attention" and device == "cpu",
+        present=lambda: torch.__version__.startswith("2.13."),
+        raises="_pytest.outcomes.Failed",
+        reason="known issue: torch 2.13's flex_attention CPU decode step (one query against the cache, no padding) "
+        "gives wrong logits: |Δlogit| ~7 against float64 at the first generated token (prefill logits are right)",
+    ),
+    KnownIssue(
         id="prompt-lookup-overruns-static-cache",
         applies=lambda cache, attention, device: cache == "static",
         present=_prompt_lookup_overruns_max_length,

@@ -85,6 +85,11 @@ def _generate_with_cache(runner, ids, mask, new_tokens, cache):
         eos_ids=runner.eos_ids,
     )
     kwargs["output_logits"] = False
+    # transformers sizes a new static cache to the longest one this model object has seen
+    # (_previous_max_cache_length; older releases keep the cache itself in _cache): an earlier check's longer
+    # prompt is not this call's doing, so both are forgotten and the cache is built for this call alone.
+    for name in ("_previous_max_cache_length", "_cache"):
+        runner.model.__dict__.pop(name, None)
     with runner.active() as model:
         return model.generate(input_ids=ids, attention_mask=mask, **kwargs)
 
