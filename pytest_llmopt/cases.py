@@ -138,7 +138,7 @@ def summary_line(exc: BaseException) -> str:
 
 
 class Case:
-    """What a suite test works with: runners for the variant and its reference, tolerances, and
+    """What a suite test works with: runners for the variant and its reference, the noise-floor verdicts, and
     the text that tells a user how to reproduce a failure."""
 
     def __init__(self, param: CaseParam, session: LlmoptSession, node: pytest.Item) -> None:
