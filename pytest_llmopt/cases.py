@@ -80,9 +80,10 @@ def params_for(session: LlmoptSession, marker: pytest.Mark) -> list[Any]:
             if skip:
                 marks.append(pytest.mark.skip(reason=skip[1]))
             param = CaseParam(spec, variant, reference, skip[0] if skip else None)
-            issue = known_issues.known_issue(marker.kwargs.get("known_issues", ()), variant.cache, variant.attention, machine.device_type)
-            if issue and not skip:
-                marks.append(outcomes.known_issue(issue.reason, known_issues.exception_class(issue.raises)))
+            issues = known_issues.known_issues(marker.kwargs.get("known_issues", ()), variant.cache, variant.attention, machine.device_type)
+            if issues and not skip:  # one xfail, limited to the exceptions these bugs raise
+                reason = "; ".join(issue.reason for issue in issues)
+                marks.append(outcomes.known_issue(reason, tuple(known_issues.exception_class(issue.raises) for issue in issues)))
             out.append(pytest.param(param, id=param.id, marks=marks))
     return out
 

@@ -125,13 +125,9 @@ def unknown(ids: Iterable[str]) -> list[str]:
     return sorted(set(ids) - set(BY_ID))
 
 
-def known_issue(ids: Iterable[str], cache: str, attention: str, device_type: str) -> KnownIssue | None:
-    """The first of the test's declared issues that applies to this variant and is present in the installed code."""
-    for name in ids:
-        issue = BY_ID[name]
-        if issue.applies(cache, attention, device_type) and issue.present():
-            return issue
-    return None
+def known_issues(ids: Iterable[str], cache: str, attention: str, device_type: str) -> list[KnownIssue]:
+    """The test's declared issues that apply to this variant and are present in the installed code."""
+    return [BY_ID[name] for name in ids if BY_ID[name].applies(cache, attention, device_type) and BY_ID[name].present()]
 
 
 def exception_class(dotted: str) -> type[BaseException]:

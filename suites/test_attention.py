@@ -35,7 +35,7 @@ def test_logits_match_eager(llmopt_case):
     case.check_logits(reference.forward_logits(ids, mask), target.forward_logits(ids, mask), ids, mask, what="padded batch")
 
 
-@pytest.mark.llmopt(attention=CANDIDATES, reference=TO_EAGER, known_issues=["torch-flex-attention-cpu-decode"])
+@pytest.mark.llmopt(attention=CANDIDATES, reference=TO_EAGER, known_issues=[*FLEX_CPU, "torch-flex-attention-cpu-decode"])
 def test_single_prompt_matches_eager(llmopt_case):
     """Each prompt alone (no padding, so no mask: the case every SDPA kernel, flash included, supports):
     logits of the prompt and the greedy continuation match eager's."""

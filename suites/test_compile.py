@@ -14,7 +14,7 @@ import contextlib
 import pytest
 
 from pytest_llmopt.instrumentation import count_compiled_calls
-from pytest_llmopt.measure import watch_compiles
+from pytest_llmopt.measure import cache_layout, watch_compiles
 
 TO_EAGER = {"cache": "dynamic", "compile": "off"}
 WARMUP_GRAPHS = 2  # a decode graph, and at most one more (e.g. the first decode step's mask shape)
@@ -80,9 +80,13 @@ def _check_recompiles(case):
     # No recompile is only worth something if the compiled code ran (an auto-compile that silently stayed
     # eager compiles nothing either).
     assert not auto or compiled["calls"] > 0, f"{case.label}: generate() never called its compiled forward: auto-compile did not trigger"
-    assert warmup.graphs <= WARMUP_GRAPHS, (
+    # A sliding-window layer changes branch once its window is full (transformers' StaticSlidingWindowLayer):
+    # one more graph when the warm-up crosses the window; none after warm-up either way.
+    layout = cache_layout(target.model.config)
+    allowed = WARMUP_GRAPHS + (1 if layout.sliding_layers and width + case.new_tokens > (layout.window or 0) else 0)
+    assert warmup.graphs <= allowed, (
         f"{case.label}: {warmup.graphs} graphs compiled during one warm-up call of {case.new_tokens} tokens "
-        f"(expected at most {WARMUP_GRAPHS}): it recompiles while decoding.\n  dynamo's reasons: {_reasons(warmup.reasons)}"
+        f"(expected at most {allowed}): it recompiles while decoding.\n  dynamo's reasons: {_reasons(warmup.reasons)}"
     )
     assert after.graphs == 0, (
         f"{case.label}: {after.graphs} recompile(s) after warm-up on same-shape inputs.\n  dynamo's reasons: {_reasons(after.reasons)}"

@@ -25,7 +25,7 @@ def _run_suites(pytester: pytest.Pytester, models: list[str], seed: int) -> None
     assert ran == {Path(m).name for m in models}, f"some model had no passing check: {ran}"
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1])
 def test_green_on_every_builtin_architecture(pytester: pytest.Pytester, clean_env: pytest.MonkeyPatch, seed: int) -> None:
     _run_suites(pytester, list(zoo.TINY), seed)
 
