@@ -61,7 +61,9 @@ class Precise:
             raise RuntimeError(f"the {self.name} runs {self.model.config._attn_implementation} attention, not eager: its config is shared")
         device = next(self.model.parameters()).device
         kwargs: dict[str, Any] = {"input_ids": input_ids.to(device), "use_cache": False}
-        if position_ids is not None and "position_ids" in _forward_params(self.model):
+        from .compat import _forward_params
+
+        if position_ids is not None and "position_ids" in _forward_params(self.model.__class__):
             kwargs["position_ids"] = position_ids.to(device)
         with torch.no_grad():
             return self.model(**kwargs).logits.cpu()
@@ -77,12 +79,6 @@ class Precise:
         positions = (full_mask.long().cumsum(-1) - 1).masked_fill(full_mask == 0, 1)
         logits = self.logits(generation.sequences, full_mask, positions)
         return logits[:, prompt_len - 1 : prompt_len + new - 1]
-
-
-def _forward_params(model: Any) -> frozenset[str]:
-    import inspect
-
-    return frozenset(inspect.signature(type(model).forward).parameters)
 
 
 def precise_for(model: Any, run_dtype: str) -> Precise:
