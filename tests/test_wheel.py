@@ -18,8 +18,9 @@ from conftest import ROOT
 # A quick check of each suite but compile (its first compiled call alone takes a minute on a CPU): the
 # full `pytest suites` runs in CI from the clone.
 SUBSET = "test_matches_dynamic or test_logits_match_eager or test_self_draft_is_always_accepted or test_greedy_matches_plain_greedy"
-SUITES = {"static_cache", "attention", "compile", "speculative", "prompt_lookup"}
-EXPECTED_SUITES = SUITES - {"compile"}
+# The wheel must ship every suite of the checkout; the quick run covers those with a check in SUBSET.
+SUITE_FILES = sorted(p.name for p in (ROOT / "suites").glob("test_*.py"))
+EXPECTED_SUITES = {"static_cache", "attention", "speculative", "prompt_lookup"}
 
 
 def _run(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess[str]:
@@ -59,7 +60,7 @@ def test_wheel_holds_the_suites_and_the_type_marker(installed: Path) -> None:
     )
     out = _run([str(installed), "-c", code], installed.parent, env=_clean_env()).stdout.splitlines()
     assert out[0].startswith(str(installed.parent.parent)), f"imported {out[0]}, not the installed wheel"
-    assert out[1] == str(sorted(f"test_{name}.py" for name in SUITES))
+    assert out[1] == str(SUITE_FILES)
     assert out[2] == "True"
 
 
