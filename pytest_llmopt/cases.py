@@ -303,13 +303,13 @@ class Case:
             pytest.fail(verdict.message, pytrace=False)
         return verdict
 
-    def check_distribution(self, runner: Runner, text: str, samples: int, new_tokens: int, what: str = "", **extra: Any) -> Any:
-        """Fail unless sampled continuations of ``text`` on ``runner`` (with ``extra`` generate arguments,
-        e.g. an assistant) follow the plain model's distribution (distribution.distribution_test)."""
+    def check_distribution(self, runner: Runner, text: str | Any, samples: int, new_tokens: int, what: str = "", **extra: Any) -> Any:
+        """Fail unless sampled continuations of ``text`` (or token ids [1, T]) on ``runner`` (with ``extra``
+        generate arguments, e.g. an assistant) follow the plain model's distribution (distribution.distribution_test)."""
         from .distribution import distribution_test
 
         plain = self.runner(self.param.reference)
-        ids, _ = plain.encode(text)
+        ids = plain.encode(text)[0] if isinstance(text, str) else text
         drawn = runner.sample(ids, samples, new_tokens, self.seed, **extra)
         verdict = distribution_test(
             drawn.cpu(),

@@ -88,7 +88,7 @@ def _status_change(key: str, a: Result, b: Result) -> list[Change]:
     if Status.NOT_RUN in (a.status, b.status):
         return [Change("change", key, "status", _status(a), _status(b), "not run in one of the runs: not comparable")]
     if b.status == Status.FAILED or (a.status in GOOD and b.status not in GOOD):
-        note = {Status.FAILED: "new failure", Status.UNSUPPORTED: "support lost", Status.KNOWN_ISSUE: "now a known issue"}.get(b.status, "worse")
+        note = {Status.FAILED: "new failure", Status.UNSUPPORTED: "support lost", Status.KNOWN_ISSUE: "now a known issue", Status.NOT_EXERCISED: "no longer exercised"}.get(b.status, "worse")
         return [Change("regression", key, "status", _status(a), _status(b), note)]
     if b.status in GOOD:
         return [Change("improvement", key, "status", _status(a), _status(b), "now passes")]

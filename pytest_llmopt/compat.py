@@ -1,12 +1,9 @@
 """Everything that differs between transformers (and torch) releases, in one place.
 
-Supported: transformers 4.46 through 5.x. Where a release lacks a feature, ``missing_feature`` says
-so and the variant is reported unsupported for that version instead of failing. Feature checks probe
-the installed code (attributes, signatures) rather than compare version numbers where they can, so a
-backport or a patched build is judged by what it does.
-
-Its neighbours: ``known_issues`` (upstream bugs the suites catch), ``instrumentation`` (counters that
-prove a path ran), ``outcomes`` (refusals that mean "unsupported").
+Supported: transformers 4.46 through 5.x. Where a release lacks a feature, ``missing_feature`` says so
+and the variant is reported unsupported for that version. Feature checks probe the installed code
+(attributes, signatures) rather than version numbers, so a backport is judged by what it does.
+Neighbours: ``known_issues`` (upstream bugs), ``instrumentation`` (proof a path ran), ``outcomes``.
 """
 
 from __future__ import annotations
@@ -183,9 +180,14 @@ def _init_params(cls: type) -> set[str]:
     return names
 
 
+def make_dynamic_cache(model: Any) -> Any:
+    """An empty DynamicCache; from 4.5x it takes the config (sliding-window layers get their window)."""
+    from transformers import DynamicCache
+    return DynamicCache(config=model.config) if "config" in _init_params(DynamicCache) else DynamicCache()
+
+
 def make_static_cache(model: Any, batch_size: int, max_cache_len: int) -> Any:
-    """A StaticCache for ``model``: 5.x takes (config, max_cache_len) and allocates lazily; 4.x wanted
-    the batch size, device and dtype up front, under names that changed between releases."""
+    """A StaticCache: 5.x takes (config, max_cache_len); 4.x wanted batch size, device and dtype, under changing names."""
     from transformers import StaticCache
 
     params = _init_params(StaticCache)
@@ -396,14 +398,15 @@ def early_exit_unsupported(model: Any) -> str | None:
 
 @contextlib.contextmanager
 def layers_restored(model: Any) -> Iterator[None]:
-    """Put ``num_hidden_layers`` back even when early exit fails half-way (transformers does not)."""
+    """Put ``num_hidden_layers`` back when early exit *fails* half-way (transformers does not), so one failure
+    does not spoil the session's later checks. A call that returns is checked, not repaired (Runner.generate)."""
     base = getattr(model, model.base_model_prefix, model)
     layers = getattr(base.config, "num_hidden_layers", None)
     try:
         yield
-    finally:
-        if layers is not None:
-            base.config.num_hidden_layers = layers
+    except BaseException:
+        base.config.num_hidden_layers = layers
+        raise
 
 
 def missing_feature(variant_compile: str, device_type: str) -> str | None:

@@ -117,6 +117,26 @@ class Generation:
     def new_tokens(self) -> torch.Tensor:
         return self.sequences[:, self.prompt_ids.shape[1] :]
 
+    def row(self, index: int) -> Generation:
+        """Row ``index`` of a (left-padded) batch as if it had been run alone: padding stripped, its own logits.
+        Its replay forces that row and keeps the other rows on their own tokens (the batch runs again)."""
+        prompt = self.prompt_ids[index]
+        if self.attention_mask is not None:
+            prompt = prompt[self.attention_mask[index].bool()]
+        prompt = prompt.unsqueeze(0)
+        sequences = torch.cat([prompt, self.new_tokens[index : index + 1]], dim=1)
+        logits = None if self.logits is None else self.logits[index : index + 1]
+        replay = None
+        if self.replay is not None:
+            batch_replay, others = self.replay, self.new_tokens
+
+            def replay(tokens: torch.Tensor) -> Generation:
+                forced = others.clone()
+                forced[index] = tokens[0].to(forced.device)
+                return batch_replay(forced).row(index)
+
+        return Generation(prompt, sequences, logits, None, replay)
+
 
 @dataclass
 class FloorVerdict:

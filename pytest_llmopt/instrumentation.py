@@ -102,3 +102,32 @@ def track_drafts() -> Iterator[DraftStats]:
     finally:
         GenerationMixin._get_candidate_generator = original  # type: ignore[method-assign]
 
+
+
+class StateLeftBehindError(AssertionError):
+    """generate() returned with the model changed: its config, generation_config or attention implementation."""
+
+
+def model_state(model: Any) -> dict[str, Any]:
+    """What generate() must leave as it found it: the model's config and generation_config (as dicts) and
+    its attention implementation. Read before and after every call; the plugin repairs nothing."""
+    config = model.config
+    return {
+        "config": config.to_dict(),
+        "generation_config": model.generation_config.to_dict() if getattr(model, "generation_config", None) else {},
+        "attention": getattr(config, "_attn_implementation", None),
+    }
+
+
+def state_changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """'generation_config.cache_implementation: None -> 'static'' for each entry that differs."""
+    out = []
+    for part in before:
+        old, new = before[part], after.get(part)
+        if isinstance(old, dict) and isinstance(new, dict):
+            for key in sorted(set(old) | set(new)):
+                if old.get(key, "<absent>") != new.get(key, "<absent>"):
+                    out.append(f"{part}.{key}: {old.get(key, '<absent>')!r} -> {new.get(key, '<absent>')!r}")
+        elif old != new:
+            out.append(f"{part}: {old!r} -> {new!r}")
+    return out

@@ -2,7 +2,9 @@
 
 Besides passed and failed, a check can be unsupported (the model, transformers or torch does not offer
 the combination), not run (this machine or this session lacks something; the reason says how to get
-it), inconclusive (measured, but too noisy to judge) or a known upstream issue (a non-strict xfail).
+it), inconclusive (measured, but too noisy to judge), not exercised (it ran and agreed, but its optimized
+path never did its work: no draft accepted, nothing compiled; agreeing proves nothing then) or a known
+upstream issue (a non-strict xfail).
 A test says which with the helpers below; they skip the test with the reason as its message, and the
 plugin records the status beside the report (a user property, so it travels through pytest-xdist).
 Nothing parses the prose of a reason.
@@ -27,6 +29,7 @@ class Status(str, Enum):
     PASSED = "passed"
     KNOWN_ISSUE = "known-issue"
     INCONCLUSIVE = "inconclusive"
+    NOT_EXERCISED = "not-exercised"
     UNSUPPORTED = "unsupported"
     NOT_RUN = "skipped"
 
@@ -62,6 +65,12 @@ def not_run(how: str) -> NoReturn:
 def inconclusive(reason: str) -> NoReturn:
     """Measured, but the measurement cannot decide (e.g. its spread is too wide)."""
     _skip(Status.INCONCLUSIVE, reason)
+
+
+def not_exercised(reason: str) -> NoReturn:
+    """The check ran and found no difference, but the path under test never did its work (a draft never
+    accepted, a lookup that never matched, a compiled function never called): not a pass."""
+    _skip(Status.NOT_EXERCISED, reason)
 
 
 def known_issue(reason: str, raises: type[BaseException] | tuple[type[BaseException], ...]) -> pytest.MarkDecorator:

@@ -100,3 +100,34 @@ def long_prompt(tokenizer: object, tokens: int) -> str:
         text += LONG_SOURCE
     ids = tokenizer(text)["input_ids"][:tokens]  # type: ignore[operator]
     return tokenizer.decode(ids, skip_special_tokens=True)  # type: ignore[attr-defined]
+
+
+def lookup_draft(tokens: list[int], ngram: int, span: int) -> list[int]:
+    """The draft prompt-lookup decoding proposes after ``tokens``: for the longest n-gram size from ``ngram``
+    down to 1, the ``span`` tokens after the earliest earlier occurrence of the last n-gram
+    (transformers' PromptLookupCandidateGenerator)."""
+    for size in range(min(ngram, len(tokens) - 1), 0, -1):
+        last = tokens[-size:]
+        for start in range(len(tokens) - size):
+            if tokens[start : start + size] == last and start + size < len(tokens):
+                return tokens[start + size : start + size + span]
+    return []
+
+
+def copy_point(prompt: list[int], continuation: list[int], ngram: int, span: int) -> tuple[int, int] | None:
+    """Where a greedy ``continuation`` of ``prompt`` can be cut so that prompt lookup on ``prompt +
+    continuation[:cut]`` drafts what the model says next: ``(cut, accepted)``, the cut whose draft has the
+    longest agreeing head (the earliest of those), or None when no draft ever agrees. A prompt cut there is
+    one the model provably copies from: its own greedy continuation accepts ``accepted`` draft tokens.
+    Trained models repeat themselves often; random ones by chance, a token here and there."""
+    best: tuple[int, int] | None = None
+    for cut in range(1, len(continuation)):
+        draft = lookup_draft(prompt + continuation[:cut], ngram, span)
+        agree = 0
+        while agree < len(draft) and cut + agree < len(continuation) and draft[agree] == continuation[cut + agree]:
+            agree += 1
+        if agree and (best is None or agree > best[1]):
+            best = (cut, agree)
+            if agree == span:
+                break
+    return best

@@ -62,6 +62,7 @@ STATUS_WORD = {
     Status.PASSED: "passed",
     Status.KNOWN_ISSUE: "known issue",
     Status.INCONCLUSIVE: "inconclusive",
+    Status.NOT_EXERCISED: "not exercised",
     Status.UNSUPPORTED: "unsupported",
     Status.NOT_RUN: "not run",
 }
@@ -103,7 +104,7 @@ class Cell:
             parts = [f"{marks[self.state]} {self.count(Status.PASSED, Status.KNOWN_ISSUE_PASSED)}/{ran}"]
         else:  # nothing ran: the counts below say it; words would only repeat them
             parts = [] if marks is WORD else [marks[self.state]]
-        for status, word in ((Status.KNOWN_ISSUE, "known issue"), (Status.UNSUPPORTED, "unsupported"), (Status.NOT_RUN, "not run"), (Status.INCONCLUSIVE, "inconclusive")):
+        for status, word in ((Status.KNOWN_ISSUE, "known issue"), (Status.UNSUPPORTED, "unsupported"), (Status.NOT_RUN, "not run"), (Status.INCONCLUSIVE, "inconclusive"), (Status.NOT_EXERCISED, "not exercised")):
             n = self.count(status)
             if n:
                 parts.append(f"{n} {word}")
@@ -194,7 +195,7 @@ def markdown(results: list[Result], envs: list[dict[str, Any]], limit: int = 150
         lines += [f"### ❌ Failures ({len(failed)})", "", "| model | check | variant | what broke |", "|---|---|---|---|"]
         lines += [f"| {_md(r.model)} | {_md(r.check)} | `{_md(r.variant)}` | {_md(r.reason or '')} |" for r in failed[:limit]]
         lines.append("")
-    for status, title in ((Status.UNSUPPORTED, "⚪ Unsupported"), (Status.KNOWN_ISSUE, "🐞 Known upstream issues"), (Status.NOT_RUN, "⏭ Not run here")):
+    for status, title in ((Status.UNSUPPORTED, "⚪ Unsupported"), (Status.KNOWN_ISSUE, "🐞 Known upstream issues"), (Status.NOT_RUN, "⏭ Not run here"), (Status.NOT_EXERCISED, "⏭ Not exercised (the path never did its work)")):
         chosen = [r for r in results if r.status == status]
         if not chosen:
             continue
@@ -227,7 +228,7 @@ th{background:#f6f8fa}.matrix td.cell{cursor:pointer;min-width:130px}
 .known{background:#fbefff}.empty{background:#fff}td.cell.selected{outline:3px solid #0969da}
 .badge{display:inline-block;padding:0 6px;border-radius:10px;font-size:12px}
 .b-passed,.b-known-issue-passed{background:#1a7f37;color:#fff}.b-failed{background:#cf222e;color:#fff}
-.b-unsupported{background:#6e7781;color:#fff}.b-skipped,.b-inconclusive{background:#9a6700;color:#fff}.b-known-issue{background:#8250df;color:#fff}
+.b-unsupported{background:#6e7781;color:#fff}.b-skipped,.b-inconclusive,.b-not-exercised{background:#9a6700;color:#fff}.b-known-issue{background:#8250df;color:#fff}
 #details tr.hidden{display:none}.reason{color:#57606a;max-width:620px}code{font-size:12px}
 """
 

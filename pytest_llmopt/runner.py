@@ -2,7 +2,9 @@
 or the hand-written static-cache decode loop of the transformers guide.
 
 Every run forces its output length (EOS kept defined but suppressed at every step) and returns the
-raw logits of each new token, so two runs can be compared token by token.
+raw logits of each new token, so two runs can be compared token by token. Every generate() call must
+leave the model's config, generation_config and attention implementation as it found them
+(StateLeftBehindError otherwise): the plugin repairs nothing between calls.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 
 from . import compat, outcomes
 from .equivalence import Generation
+from .instrumentation import StateLeftBehindError, model_state, state_changes
 from .machine import Machine
 from .models import Loaded, ModelSpec, ModelStore
 from .variants import Variant
@@ -119,8 +122,12 @@ class Runner:
             kwargs["logits_processor"] = LogitsProcessorList([ForceTokens(force.to(input_ids.device), input_ids.shape[1])])
         with self.active() as model, self.refusals_skip():
             eager = compat.eager_generate(model) if self.variant.compile == "off" else contextlib.nullcontext()
+            before = model_state(model)
             with eager:
                 out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            changed = state_changes(before, model_state(model))
+            if changed:
+                raise StateLeftBehindError(f"no state left behind: generate() on {self.variant.id} left the model changed: {'; '.join(changed)}")
         logits = torch.stack(out.logits, dim=1).float().cpu() if out.logits else None
         mask = None if attention_mask is None else attention_mask.cpu()
 

@@ -4,7 +4,9 @@ with a draft model samples from the target's distribution.
 Drafts: the target itself (every draft accepted), a "contrarian" copy whose draft is never the target's
 choice (every draft rejected), transformers' early-exit self-speculation (a realistic partial acceptance),
 your --llmopt-assistant, and a draft with another tokenizer (universal assisted decoding). Acceptance
-rates are recorded: they are deterministic for greedy decoding, so a change is a behaviour change.
+rates are recorded: they are deterministic for greedy decoding, so a change is a behaviour change. A draft
+of partial acceptance (early exit, yours, another tokenizer's) none of whose tokens is accepted leaves the
+code that commits accepted drafts unrun: "not exercised", not passed.
 """
 
 from __future__ import annotations
@@ -32,6 +34,12 @@ def _greedy_with(case, runner, what, **extra):
     case.record(draft_tokens=drafts.proposed, accepted_tokens=drafts.accepted, acceptance_rate=drafts.acceptance_rate)
     assert drafts.proposed > 0, f"{case.label}: the {what} proposed no draft token, so nothing was verified"
     return drafts
+
+
+def _accepted_some(drafts, what) -> None:
+    """A draft meant to be partly right must have some tokens accepted, or the path was not exercised."""
+    if drafts.accepted == 0:
+        outcomes.not_exercised(f"the {what} had 0 of {drafts.proposed} draft tokens accepted: the commit of accepted drafts never ran")
 
 
 @pytest.mark.llmopt(cache=["dynamic", "static"], reference={"cache": "dynamic"})
@@ -75,7 +83,8 @@ def test_early_exit_self_speculation(llmopt_case):
     if not layers or layers < 2:
         outcomes.unsupported(f"unsupported by the model: {layers} layer(s), nothing to exit early from")
     with layers_restored(target.model):
-        _greedy_with(case, target, f"early exit after {layers // 2} layers", assistant_early_exit=layers // 2)
+        what = f"early exit after {layers // 2} layers"
+        _accepted_some(_greedy_with(case, target, what, assistant_early_exit=layers // 2), what)
 
 
 @pytest.mark.llmopt(reference={})
@@ -88,7 +97,7 @@ def test_user_assistant(llmopt_case):
         outcomes.not_run("no assistant given: pass --llmopt-assistant=MODEL to check your draft model")
     target = case.target
     draft = case.runner(spec=spec)
-    _greedy_with(case, target, f"assistant {spec.name}", **_assistant_kwargs(target, draft))
+    _accepted_some(_greedy_with(case, target, f"assistant {spec.name}", **_assistant_kwargs(target, draft)), f"assistant {spec.name}")
 
 
 @pytest.mark.llmopt(reference={}, known_issues=["universal-draft-gets-target-inputs"])
@@ -101,7 +110,8 @@ def test_universal_assisted_decoding(llmopt_case):
     if spec is None or _same_vocabulary(target.tokenizer, case.runner(spec=spec).tokenizer):
         spec = _other_tokenizer_builtin(case, target)
     draft = case.runner(spec=spec)
-    _greedy_with(case, target, f"assistant {spec.name} (other tokenizer)", **_assistant_kwargs(target, draft))
+    what = f"assistant {spec.name} (other tokenizer)"
+    _accepted_some(_greedy_with(case, target, what, **_assistant_kwargs(target, draft)), what)
 
 
 @pytest.mark.llmopt(reference={})
@@ -112,7 +122,11 @@ def test_speculative_sampling_keeps_the_distribution(llmopt_case, kind):
     case = llmopt_case
     target = case.target
     draft = assistants.build(target.model, kind)
-    case.check_distribution(target, case.prompts[0].text, SAMPLES, SAMPLE_TOKENS, what=f"{kind} draft", assistant_model=draft)
+    with track_drafts() as drafts:
+        case.check_distribution(target, case.prompts[0].text, SAMPLES, SAMPLE_TOKENS, what=f"{kind} draft", assistant_model=draft)
+    case.record(draft_tokens=drafts.proposed, accepted_tokens=drafts.accepted, acceptance_rate=drafts.acceptance_rate)
+    assert drafts.proposed > 0, f"{case.label}: the {kind} draft proposed no token while sampling, so nothing was verified"
+    _accepted_some(drafts, f"{kind} draft (sampling)")
 
 
 def _same_vocabulary(a, b) -> bool:

@@ -121,6 +121,59 @@ def biased_speculative_acceptance(mp: pytest.MonkeyPatch) -> None:
     mp.setattr(utils, "_speculative_sampling", biased)
 
 
+def padding_mask_builder_ignores_padding(mp: pytest.MonkeyPatch) -> None:
+    """The padding-mask builder that eager, SDPA and flex attention share lets every query attend the pads
+    (a fault no comparison between two attention paths can see: both sides share it)."""
+    from transformers import masking_utils
+
+    if not hasattr(masking_utils, "padding_mask_function"):
+        raise LookupError("this transformers has no masking_utils.padding_mask_function to patch")
+
+    def padding_mask_function(padding_mask: Any) -> Any:
+        def inner_mask(batch_idx: Any, head_idx: Any, q_idx: Any, kv_idx: Any) -> Any:
+            return padding_mask[batch_idx, kv_idx] | True
+
+        return inner_mask
+
+    mp.setattr(masking_utils, "padding_mask_function", padding_mask_function)
+
+
+def restart_refeeds_last_cached_token(mp: pytest.MonkeyPatch) -> None:
+    """generate() continuing from a returned cache feeds one token too many: the last cached token is
+    written into the cache a second time (an off-by-one in the slicing of a restarted prefill)."""
+    from transformers.generation import utils
+
+    exact = "next_sequence_length = input_ids.shape[1] - past_length"
+    wrong = "next_sequence_length = input_ids.shape[1] - past_length + (1 if past_length else 0)"
+    _patch_source(mp, utils, utils.GenerationMixin, "_prefill", exact, wrong)
+
+
+def generate_leaves_static_cache_config(mp: pytest.MonkeyPatch) -> None:
+    """generate() with a static cache leaves ``cache_implementation="static"`` on the model's own
+    generation_config: every later plain call silently runs on a static cache."""
+    from transformers.generation.utils import GenerationMixin
+
+    original = GenerationMixin.generate
+
+    def generate(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = original(self, *args, **kwargs)
+        if kwargs.get("cache_implementation") == "static":
+            self.generation_config.cache_implementation = "static"
+        return out
+
+    mp.setattr(GenerationMixin, "generate", generate)
+
+
+def accepted_draft_cropped_from_cache(mp: pytest.MonkeyPatch) -> None:
+    """After a verification step that accepted drafts, the cache is cropped one position too far: the last
+    accepted token's key/value is lost (only paths whose drafts are accepted can show it)."""
+    from transformers.generation import utils
+
+    exact = "outputs.cache.crop(-number_of_tokens_to_crop)"
+    wrong = "outputs.cache.crop(-(number_of_tokens_to_crop + (1 if n_matches > 0 else 0)))"
+    _patch_source(mp, utils, utils.GenerationMixin, "_assisted_decoding", exact, wrong)
+
+
 def _patch_source(mp: pytest.MonkeyPatch, module: Any, owner: type, name: str, old: str, new: str) -> None:
     source = textwrap.dedent(inspect.getsource(getattr(owner, name)))
     if old not in source:

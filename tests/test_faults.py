@@ -79,6 +79,34 @@ FAULTS = {
         (),
         ("*sampled tokens do not follow the target model's distribution*", "*Kolmogorov-Smirnov on 1600 PIT values*"),
     ),
+    "padding mask builder shared by every attention": Fault(
+        faults.padding_mask_builder_ignores_padding,
+        "test_consistency.py",
+        "test_batch_rows_match_alone and dynamic and (eager or sdpa)",
+        (),
+        ("*batch = alone: row * of the padded batch vs prompt * alone*logits left the rounding-noise floor*", "*2 failed*"),
+    ),
+    "continuation re-feeds a cached token": Fault(
+        faults.restart_refeeds_last_cached_token,
+        "test_consistency.py",
+        "test_continuation_matches_from_scratch",
+        (),
+        ("*continuation: second turn on the first turn's cache vs from scratch*logits left the rounding-noise floor*", "*2 failed*"),
+    ),
+    "generate leaves its static cache setting behind": Fault(
+        faults.generate_leaves_static_cache_config,
+        "test_static_cache.py",
+        "test_matches_dynamic and static and not object",
+        (),
+        ("*no state left behind: generate() on static/sdpa/fp32 left the model changed: generation_config.cache_implementation: None -> 'static'*",),
+    ),
+    "accepted drafts cropped from the cache": Fault(
+        faults.accepted_draft_cropped_from_cache,
+        "test_prompt_lookup.py",
+        "test_greedy_matches_plain_greedy and dynamic",
+        (),
+        ("*prompt lookup, copying prompt*logits left the rounding-noise floor*",),
+    ),
 }
 
 

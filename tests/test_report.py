@@ -39,6 +39,11 @@ def test_prose_is_not_parsed(llmopt_case):
 def test_inconclusive(llmopt_case, kind):
     outcomes.inconclusive("inconclusive: nothing to compare")
 
+@pytest.mark.llmopt()
+def test_not_exercised(llmopt_case):
+    llmopt_case.record(draft_tokens=12, accepted_tokens=0)
+    outcomes.not_exercised("prompt lookup: 0 of 12 draft tokens accepted")
+
 def test_not_a_suite_test():
     pass
 """
@@ -57,8 +62,8 @@ def _results(path: Path) -> dict[str, Result]:
 
 def test_json_report_records_status_reason_and_figures(suite: pytest.Pytester) -> None:
     result = suite.runpytest("--llmopt-report=out/r.json")
-    result.assert_outcomes(passed=3, failed=1, skipped=5)
-    result.stdout.fnmatch_lines(["*llmopt: model x optimization*", "tiny-llama  optim          FAIL 2/3 *", "report written to *r.json"])
+    result.assert_outcomes(passed=3, failed=1, skipped=6)
+    result.stdout.fnmatch_lines(["*llmopt: model x optimization*", "tiny-llama  optim          FAIL 2/3 *1 not exercised*", "report written to *r.json"])
     found = _results(suite.path / "out" / "r.json")
     assert found["optim::test_passes[static/sdpa/fp32@tiny-llama]"].status == "passed"
     assert found["optim::test_passes[static/sdpa/fp32@tiny-llama]"].metrics == {"acceptance_rate": 0.75, "max_delta_logit": 1.5e-5}
@@ -70,7 +75,9 @@ def test_json_report_records_status_reason_and_figures(suite: pytest.Pytester) -
     assert found["optim::test_inconclusive[dynamic/sdpa/fp32@tiny-llama-b]"].status == Status.INCONCLUSIVE
     # Only the outcomes helpers say "unsupported": a plain skip is "not run", whatever its words.
     assert found["optim::test_prose_is_not_parsed[dynamic/sdpa/fp32@tiny-llama]"].status == Status.NOT_RUN
-    assert len(found) == 8  # the plain test is not an llmopt check
+    exercised = found["optim::test_not_exercised[dynamic/sdpa/fp32@tiny-llama]"]
+    assert exercised.status == Status.NOT_EXERCISED and exercised.metrics == {"draft_tokens": 12, "accepted_tokens": 0}
+    assert len(found) == 9  # the plain test is not an llmopt check
     doc = json.loads((suite.path / "out" / "r.json").read_text())
     assert doc["environment"]["versions"]["transformers"] and doc["environment"]["device"] == "cpu"
     assert doc["summary"]["failed"] == 1 and doc["summary"]["passed"] == 2
@@ -84,7 +91,7 @@ def _comparable(path: Path) -> list[tuple]:
 def test_xdist_gives_the_same_report_as_a_serial_run(suite: pytest.Pytester) -> None:
     suite.runpytest("--llmopt-report=serial.json")
     parallel = suite.runpytest_subprocess("-n", "2", "--llmopt-report=parallel.json", "-p", "xdist")
-    parallel.assert_outcomes(passed=3, failed=1, skipped=5)
+    parallel.assert_outcomes(passed=3, failed=1, skipped=6)
     assert _comparable(suite.path / "serial.json") == _comparable(suite.path / "parallel.json")
 
 
@@ -110,6 +117,7 @@ def _result(status: str = "passed", **metrics: float) -> Result:
         (_result(), _result("unsupported"), "regression"),
         (_result("failed"), _result(), "improvement"),
         (_result(), _result("skipped"), "change"),
+        (_result(), _result("not-exercised"), "regression"),
         (_result(acceptance_rate=0.90), _result(acceptance_rate=0.85), "regression"),
         (_result(acceptance_rate=0.90), _result(acceptance_rate=0.89), None),
         (_result(speedup=4.0), _result(speedup=3.6), "regression"),

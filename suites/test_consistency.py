@@ -1,0 +1,102 @@
+"""Properties every generation path must have, each judged by a reference that does not share the code it
+checks (comparing two paths that run through the same mask builder, position logic and cache classes cannot
+see a fault in what they share):
+
+* batch = alone: each row of a left-padded batch gives the logits and tokens of its prompt run alone, on
+  every cache and attention implementation, the plain path included;
+* continuation: generating on from the cache a first call filled (dynamic and static, multi-turn style)
+  equals generating the whole text from scratch;
+* no state left behind: a plain generate repeats its first answer after any path has run. (That every
+  generate() leaves the model's config, generation_config and attention implementation unchanged is
+  checked on every call of every suite: runner.Runner.generate.)
+
+All verdicts are the noise-floor rule of equivalence.py against a higher-precision cache-free forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from pytest_llmopt import assistants, compat, outcomes
+
+ATTENTIONS = ["eager", "sdpa", "flash_attention_2", "flex_attention"]
+FLEX = ["torch-flex-attention-cpu-codegen", "torch-flex-attention-cpu-decode"]
+PLAIN = {"cache": "dynamic", "compile": "off", "attention": "sdpa"}
+FOLLOW_UP = "\nNow tell the same story again, in other words."
+LOOKUP = {"prompt_lookup_num_tokens": 4, "max_matching_ngram_size": 2}
+
+
+def _batch_rows_match_alone(case) -> None:
+    target = case.target
+    ids, mask = target.encode([p.text for p in case.prompts])
+    if bool(mask.all()):
+        outcomes.not_run("the prompts tokenize to equal lengths, so the batch has no padding to check")
+    with case.explain("left-padded batch"):
+        batch = target.generate(ids, mask, case.new_tokens)
+    for index, prompt in enumerate(case.prompts):
+        alone_ids, alone_mask = target.encode(prompt.text)
+        with case.explain(f"prompt {prompt.name!r} alone"):
+            alone = target.generate(alone_ids, alone_mask, case.new_tokens)
+        case.check_greedy(alone, batch.row(index), what=f"batch = alone: row {index} of the padded batch vs prompt {prompt.name!r} alone", plain=target)
+
+
+@pytest.mark.llmopt(cache=["dynamic", "static"], attention=ATTENTIONS, reference={}, known_issues=FLEX)
+def test_batch_rows_match_alone(llmopt_case):
+    """Each row of a left-padded batch generates what its prompt generates alone, on this very path."""
+    _batch_rows_match_alone(llmopt_case)
+
+
+@pytest.mark.llmopt(cache="static", compile="auto", reference={})
+def test_compiled_batch_rows_match_alone(llmopt_case):
+    """The same with generate()'s auto-compile: a compiled padded batch generates what each prompt does alone."""
+    _batch_rows_match_alone(llmopt_case)
+
+
+@pytest.mark.llmopt(cache=["dynamic", "static-object"], reference={})
+def test_continuation_matches_from_scratch(llmopt_case):
+    """A second turn generated on from the cache the first turn filled (the returned cache object, the
+    first turn's tokens and a follow-up) equals the same text generated from scratch."""
+    case = llmopt_case
+    target = case.target
+    first_ids, first_mask = target.encode(case.prompts[0].text)
+    follow = target.tokenizer(FOLLOW_UP, add_special_tokens=False, return_tensors="pt")["input_ids"].to(first_ids.device)
+    length = first_ids.shape[1] + case.new_tokens + follow.shape[1] + case.new_tokens
+    second: dict[str, torch.Tensor] = {}
+
+    def continued(force: torch.Tensor | None = None):
+        model = target.model
+        cache = compat.make_dynamic_cache(model) if case.variant.cache == "dynamic" else compat.make_static_cache(model, 1, length)
+        turn = target.generate(first_ids, first_mask, case.new_tokens, cache_object=cache)
+        ids = second.setdefault("ids", torch.cat([turn.sequences.to(follow.device), follow], dim=1))
+        out = target.generate(ids, torch.ones_like(ids), case.new_tokens, force=force, cache_object=cache)
+        return replace(out, replay=lambda tokens: continued(tokens))
+
+    with case.explain("continuation from the first turn's cache"):
+        candidate = continued()
+    ids = second["ids"]
+    with case.explain("the whole text from scratch"):
+        scratch = target.generate(ids, torch.ones_like(ids), case.new_tokens)
+    case.check_greedy(scratch, candidate, what="continuation: second turn on the first turn's cache vs from scratch", plain=target)
+
+
+@pytest.mark.llmopt(cache=["dynamic", "static", "static-object"], reference=PLAIN)
+def test_plain_answer_unchanged_after(llmopt_case):
+    """Plain greedy on a padded batch, then this path (and on the dynamic cache, assisted and prompt-lookup
+    decoding), then plain greedy again: the second plain answer is the first."""
+    case = llmopt_case
+    reference, target = case.reference, case.target
+    ids, mask = reference.encode([p.text for p in case.prompts])
+    first = reference.generate(ids, mask, case.new_tokens)
+    one_ids, one_mask = target.encode(case.prompts[0].text)  # assisted decoding takes batch 1
+    paths = [(f"{case.variant.id} on the padded batch", ids, mask, {})]
+    if case.variant.cache == "dynamic":
+        paths += [("self-assisted decoding", one_ids, one_mask, {"assistant_model": assistants.build(target.model, "self")}),
+                  ("prompt lookup", one_ids, one_mask, LOOKUP)]
+    for name, path_ids, path_mask, extra in paths:
+        with case.explain(name):
+            target.generate(path_ids, path_mask, case.new_tokens, **extra)
+        again = reference.generate(ids, mask, case.new_tokens)
+        case.check_greedy(first, again, what=f"no state left behind: plain greedy after {name} vs before", plain=reference)
