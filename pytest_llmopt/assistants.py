@@ -56,3 +56,40 @@ def configure_drafting(draft: Any) -> None:
     config.num_assistant_tokens_schedule = "constant"
     if hasattr(config, "assistant_confidence_threshold"):
         config.assistant_confidence_threshold = 0.0
+
+
+def agreeing_for(model: Any, tokens: int, prompt_length: int) -> Any:
+    """A draft that proposes the target's own greedy token for the first ``tokens`` new tokens of a prompt of
+    ``prompt_length`` tokens, and a wrong one (the contrarian roll) for every token after: greedy verification
+    must accept exactly ``tokens`` of its drafts. Which token a logit predicts is read from what the forward
+    call is given: its position ids, else a 2-D attention mask over past + current tokens, else the length
+    of the cache after the call (batch 1, no padding: assisted decoding's case)."""
+    draft = build(model, "self")
+    forward = draft.forward
+    first_wrong = prompt_length + tokens  # index (in the whole sequence) of the first token to get wrong
+
+    def agreeing_forward(*args: Any, **kwargs: Any) -> Any:
+        out = forward(*args, **kwargs)
+        length = out.logits.shape[1]
+        total = _sequence_length(kwargs, out)
+        predicts = torch.arange(total - length + 1, total + 1, device=out.logits.device)
+        wrong = (predicts >= first_wrong).view(1, -1, 1)
+        out.logits = torch.where(wrong, torch.roll(out.logits, shifts=1, dims=-1), out.logits)
+        return out
+
+    draft.forward = agreeing_forward
+    return draft
+
+
+def _sequence_length(kwargs: dict[str, Any], out: Any) -> int:
+    """Tokens in the sequence once this forward call's are in (past + current)."""
+    positions = kwargs.get("position_ids")
+    if positions is not None:
+        return int(positions.reshape(-1)[-1]) + 1
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        return int(mask.shape[-1])
+    cache = kwargs.get("cache", kwargs.get("past_key_values", getattr(out, "past_key_values", None)))
+    if cache is None or not hasattr(cache, "get_seq_length"):
+        raise RuntimeError("agreeing draft: the forward call got no position ids, 2-D attention mask or cache, so the position of each logit is unknown")
+    return int(cache.get_seq_length())

@@ -71,6 +71,37 @@ def test_contrarian_draft_is_always_rejected(llmopt_case):
     )
 
 
+AGREE = 3  # new tokens the agreeing draft gets right
+
+
+@pytest.mark.llmopt(reference={})
+def test_draft_agreeing_for_k_tokens_has_k_accepted(llmopt_case):
+    """A draft built to propose the target's own token for the first AGREE new tokens and a wrong one after:
+    output equals plain greedy, and exactly AGREE draft tokens are accepted per prompt. An acceptance rule off
+    by one either way shows here even when the output is right (a rejected good token costs only speed).
+    In half precision a near-tie between the draft's one-token kernel and the verifier's may reject a good
+    token: fewer is allowed there, never more, and at least half of all must be accepted."""
+    case = llmopt_case
+    reference, target = case.reference, case.target
+    if case.new_tokens <= AGREE + 1:
+        outcomes.not_run(f"needs more than {AGREE + 1} new tokens (--llmopt-new-tokens)")
+    accepted = []
+    for prompt in case.prompts:
+        ids, mask = target.encode(prompt.text)
+        with track_drafts() as drafts, case.explain(f"agreeing draft, prompt {prompt.name!r}"):
+            candidate = target.generate(ids, mask, case.new_tokens, assistant_model=assistants.agreeing_for(target.model, AGREE, ids.shape[1]))
+        case.check_greedy(reference.generate(ids, mask, case.new_tokens), candidate, what=f"draft agreeing for {AGREE} tokens, prompt {prompt.name!r}")
+        accepted.append(drafts.accepted)
+        exact = case.dtype == "float32"
+        assert drafts.accepted == AGREE if exact else drafts.accepted <= AGREE, (
+            f"{case.label} (prompt {prompt.name!r}): a draft that agrees with the target for exactly {AGREE} new tokens had "
+            f"{drafts.accepted} of {drafts.proposed} draft tokens accepted ({'exactly' if exact else 'at most'} {AGREE} expected): "
+            "the acceptance rule counts matches wrongly"
+        )
+    case.record(accepted_tokens=sum(accepted), expected_accepted=AGREE * len(accepted))
+    assert 2 * sum(accepted) >= AGREE * len(accepted), f"{case.label}: only {sum(accepted)} of {AGREE * len(accepted)} agreeing draft tokens accepted"
+
+
 @pytest.mark.llmopt(reference={}, known_issues=["early-exit-drops-is-first-iteration"])
 def test_early_exit_self_speculation(llmopt_case):
     """assistant_early_exit (the first half of the layers drafts): output equals plain greedy."""

@@ -174,6 +174,16 @@ def accepted_draft_cropped_from_cache(mp: pytest.MonkeyPatch) -> None:
     _patch_source(mp, utils, utils.GenerationMixin, "_assisted_decoding", exact, wrong)
 
 
+def last_agreeing_draft_rejected(mp: pytest.MonkeyPatch) -> None:
+    """Greedy verification counts one match too few: the last agreeing draft token is thrown away and the
+    target recomputes it. The output stays right; only speed is lost (one fewer token per accepted block)."""
+    from transformers.generation import utils
+
+    exact = "n_matches = ((~(candidate_new_tokens == selected_tokens[:, :-1])).cumsum(dim=-1) < 1).sum()"
+    wrong = "n_matches = (((~(candidate_new_tokens == selected_tokens[:, :-1])).cumsum(dim=-1) < 1).sum() - 1).clamp(min=0)"
+    _patch_source(mp, utils, utils.GenerationMixin, "_assisted_decoding", exact, wrong)
+
+
 def _patch_source(mp: pytest.MonkeyPatch, module: Any, owner: type, name: str, old: str, new: str) -> None:
     source = textwrap.dedent(inspect.getsource(getattr(owner, name)))
     if old not in source:

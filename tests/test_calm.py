@@ -26,15 +26,17 @@ def _run_suites(pytester: pytest.Pytester, models: list[str], seed: int) -> None
     assert ran == {Path(m).name for m in models}, f"some model had no passing check: {ran}"
 
 
-# Two seeds for the built-in architectures in CI (the first run about 14 minutes on 2 cores with a cold inductor
-# cache, the next about 6: six models, every suite); more
-# with LLMOPT_CALM_SEEDS=0,1,2.
-@pytest.mark.parametrize("seed", [int(s) for s in os.environ.get("LLMOPT_CALM_SEEDS", "0,1").split(",")])
+# One seed in CI (six built-in architectures and two real models, every suite, must fit CI's time with the
+# rest); LLMOPT_CALM_SEEDS=0,1,2 for more (how calm over several seeds was shown: see the closing notes).
+SEEDS = [int(s) for s in os.environ.get("LLMOPT_CALM_SEEDS", "0").split(",")]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
 def test_green_on_every_builtin_architecture(pytester: pytest.Pytester, clean_env: pytest.MonkeyPatch, seed: int) -> None:
     _run_suites(pytester, list(zoo.TINY), seed)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", SEEDS)
 def test_green_on_the_real_models(pytester: pytest.Pytester, clean_env: pytest.MonkeyPatch, seed: int) -> None:
     models = [str(shared_model("tinystories-656k")), str(shared_model("stories-260k"))]
     _run_suites(pytester, models, seed)

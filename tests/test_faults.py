@@ -107,6 +107,13 @@ FAULTS = {
         (),
         ("*prompt lookup, copying prompt*logits left the rounding-noise floor*",),
     ),
+    "last agreeing draft token rejected": Fault(
+        faults.last_agreeing_draft_rejected,
+        "test_speculative.py",
+        "test_draft_agreeing_for_k_tokens_has_k_accepted",
+        (),
+        ("*a draft that agrees with the target for exactly 3 new tokens had 2 of * draft tokens accepted (exactly 3 expected)*",),
+    ),
 }
 
 
