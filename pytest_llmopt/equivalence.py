@@ -89,10 +89,11 @@ def error_stats(candidate: torch.Tensor, reference: torch.Tensor, valid: torch.T
 #   padding mask dropped: >= 5.7 (mean_rms) and >= 15 (max_abs).
 # Half precision: 1.5 sits a third above the worst correct kernel and below the 2 % fault at every size.
 # flash-attention's own tests use 2, which would miss the 2 % fault at 7B (its max_abs ratio there is 1.85).
-# float32 (judged against float64, CPU): inductor's reordered reductions reach 1.5 on the max of a 24-token
-# generation (tiny-llama, torch 2.13) while any real fault is hundreds of times the floor (the floor is ~1e-6
-# of a logit): 3 costs no power there.
-FLOOR_FACTOR: dict[str, float] = {"bfloat16": 1.5, "float16": 1.5, "float32": 3.0}
+# float32 (judged against float64, CPU): the floor is ~1e-6 of a logit, so a single position's max is noisy:
+# inductor's reordered reductions reached 1.5 (tiny-llama, torch 2.13), a compiled padded-batch row against
+# the same prompt alone 3.02 (stories-260k, max |Δ| 2.3e-5), while every real fault is hundreds of times the
+# floor: 10 costs no power there.
+FLOOR_FACTOR: dict[str, float] = {"bfloat16": 1.5, "float16": 1.5, "float32": 10.0}
 # mean_rms: a systematic error anywhere (scale, rotary, a norm) moves it, and averaging over the vocabulary and
 # the positions keeps it steady for correct kernels; max_abs: an error confined to a few positions (a late cache
 # slot, a window rollover) that the mean dilutes.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import site
 import subprocess
@@ -72,7 +73,7 @@ def test_installed_suites_run_from_an_empty_directory(installed: Path, tmp_path:
         empty,
         env=_clean_env(),
     )
-    assert "passed" in done.stdout and "failed" not in done.stdout, done.stdout[-3000:]
+    assert "passed" in done.stdout and not re.search(r"\b\d+ failed", done.stdout), done.stdout[-3000:]
     results = json.loads((empty / "r.json").read_text())["results"]
     assert {r["suite"] for r in results} == EXPECTED_SUITES
     assert not [r for r in results if r["status"] == "failed"]
