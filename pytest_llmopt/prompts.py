@@ -102,6 +102,10 @@ def long_prompt(tokenizer: object, tokens: int) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True)  # type: ignore[attr-defined]
 
 
+# The prompt-lookup settings the suites use, and that copy_point's draft prediction assumes.
+LOOKUP = {"prompt_lookup_num_tokens": 4, "max_matching_ngram_size": 2}
+
+
 def lookup_draft(tokens: list[int], ngram: int, span: int) -> list[int]:
     """The draft prompt-lookup decoding proposes after ``tokens``: for the longest n-gram size from ``ngram``
     down to 1, the ``span`` tokens after the earliest earlier occurrence of the last n-gram

@@ -21,12 +21,12 @@ import pytest
 import torch
 
 from pytest_llmopt import assistants, compat, outcomes
+from pytest_llmopt.prompts import LOOKUP
 
 ATTENTIONS = ["eager", "sdpa", "flash_attention_2", "flex_attention"]
 FLEX = ["torch-flex-attention-cpu-codegen", "torch-flex-attention-cpu-decode"]
 PLAIN = {"cache": "dynamic", "compile": "off"}  # the attention stays the model's default
 FOLLOW_UP = "\nNow tell the same story again, in other words."
-LOOKUP = {"prompt_lookup_num_tokens": 4, "max_matching_ngram_size": 2}
 
 
 def _batch_rows_match_alone(case) -> None:

@@ -16,9 +16,8 @@ import torch
 
 from pytest_llmopt import outcomes
 from pytest_llmopt.instrumentation import track_drafts
-from pytest_llmopt.prompts import copy_point, grounded
+from pytest_llmopt.prompts import LOOKUP, copy_point, grounded
 
-LOOKUP = {"prompt_lookup_num_tokens": 4, "max_matching_ngram_size": 2}
 SAMPLES, SAMPLE_TOKENS = 50, 32  # 1,600 PIT values in 50 generate calls (each token of a continuation is its own value)
 SEARCH_TOKENS = 256  # how far each prompt's plain greedy continuation is searched for a repeat
 _COPYING: dict[tuple, tuple[torch.Tensor, str] | None] = {}  # per model and session settings: searched once
