@@ -47,6 +47,10 @@ class DraftStats:
     def acceptance_rate(self) -> float | None:
         return self.accepted / self.proposed if self.proposed else None
 
+    def figures(self) -> dict[str, Any]:
+        """What a check records of its drafts for the report."""
+        return {"draft_tokens": self.proposed, "accepted_tokens": self.accepted, "acceptance_rate": self.acceptance_rate}
+
 
 _UNCOUNTED = {"depth": 0}
 

@@ -66,7 +66,7 @@ def test_greedy_matches_plain_greedy(llmopt_case):
                 target.generate(ids, mask, case.new_tokens, **LOOKUP),
                 what=f"prompt lookup, {what}",
             )
-    case.record(draft_tokens=drafts.proposed, accepted_tokens=drafts.accepted, acceptance_rate=drafts.acceptance_rate)
+    case.record(**drafts.figures())
     assert drafts.proposed > 0, (
         f"{case.label}: prompt lookup proposed no draft token on grounded prompts, so nothing was verified "
         "(n-gram matching is broken, or the prompts repeat no n-gram)"
@@ -90,6 +90,6 @@ def test_sampling_keeps_the_distribution(llmopt_case):
         ids, what = copying[0], f"copying prompt ({copying[1]})"
     with track_drafts() as drafts:
         case.check_distribution(case.target, ids, SAMPLES, SAMPLE_TOKENS, what=f"prompt lookup, {what}", **LOOKUP)
-    case.record(draft_tokens=drafts.proposed, accepted_tokens=drafts.accepted, acceptance_rate=drafts.acceptance_rate)
+    case.record(**drafts.figures())
     if drafts.accepted == 0:
         outcomes.not_exercised(f"prompt lookup sampling: 0 of {drafts.proposed} draft tokens accepted on the {what}")

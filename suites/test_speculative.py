@@ -31,7 +31,7 @@ def _greedy_with(case, runner, what, **extra):
                 runner.generate(ids, mask, case.new_tokens, **extra),
                 what=f"{what}, prompt {prompt.name!r}",
             )
-    case.record(draft_tokens=drafts.proposed, accepted_tokens=drafts.accepted, acceptance_rate=drafts.acceptance_rate)
+    case.record(**drafts.figures())
     assert drafts.proposed > 0, f"{case.label}: the {what} proposed no draft token, so nothing was verified"
     return drafts
 
@@ -155,7 +155,7 @@ def test_speculative_sampling_keeps_the_distribution(llmopt_case, kind):
     draft = assistants.build(target.model, kind)
     with track_drafts() as drafts:
         case.check_distribution(target, case.prompts[0].text, SAMPLES, SAMPLE_TOKENS, what=f"{kind} draft", assistant_model=draft)
-    case.record(draft_tokens=drafts.proposed, accepted_tokens=drafts.accepted, acceptance_rate=drafts.acceptance_rate)
+    case.record(**drafts.figures())
     assert drafts.proposed > 0, f"{case.label}: the {kind} draft proposed no token while sampling, so nothing was verified"
     _accepted_some(drafts, f"{kind} draft (sampling)")
 
