@@ -7,7 +7,8 @@ positions. Comparing it with what a StaticCache really allocates catches a cache
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -32,6 +33,9 @@ def cache_layout(config: Any) -> CacheLayout:
     types = getattr(text, "layer_types", None) or getattr(text, "attention_layers", None)
     if types:
         sliding = sum(1 for t in types if t in ("sliding_attention", "local"))
+    elif getattr(text, "cache_implementation", None) == "hybrid":  # 4.x Gemma2: no layer_types; HybridCache alternates
+        pattern = getattr(text, "sliding_window_pattern", None) or 2
+        sliding = sum(1 for i in range(layers) if (i + 1) % pattern)
     else:
         sliding = layers if getattr(text, "sliding_window", None) else 0
     return CacheLayout(layers, sliding, kv_heads, head_dim, window if sliding else None)
@@ -56,15 +60,31 @@ def _first(config: Any, *names: str) -> int:
 
 @dataclass
 class CompileCount:
-    """Graphs dynamo compiled inside a ``watch_compiles`` block, and why it recompiled."""
+    """Graphs dynamo compiled inside a ``watch_compiles`` block, why it recompiled, and the functions
+    that hit dynamo's recompile limit (from then on they run eager, silently but for one log line)."""
 
     graphs: int = 0
     reasons: list[str] | None = None
+    limit_hits: list[str] = field(default_factory=list)
+
+
+class _LimitHits(logging.Handler):
+    """Collects dynamo's "hit config.recompile_limit" (older: cache_size_limit) warnings."""
+
+    def __init__(self, into: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "torch._dynamo hit config." in message:
+            self.into.append(" ".join(line.strip() for line in message.splitlines()[:3]))
 
 
 class watch_compiles:  # noqa: N801 - used as a context manager, reads like one
-    """Count graphs compiled meanwhile (dynamo's ``unique_graphs`` counter) and collect the guard
-    failures that caused recompiles, so a failure can say *why* it recompiled."""
+    """Count graphs compiled meanwhile (dynamo's ``unique_graphs`` counter), collect the guard
+    failures that caused recompiles, so a failure can say *why* it recompiled, and the recompile-limit
+    hits (the fall back to eager that dynamo's default limit causes must not pass unseen)."""
 
     def __enter__(self) -> CompileCount:
         from torch._dynamo import utils
@@ -73,9 +93,12 @@ class watch_compiles:  # noqa: N801 - used as a context manager, reads like one
         self._before = utils.counters["stats"]["unique_graphs"]
         self._failures_before = {code: len(f) for code, f in utils.guard_failures.items()}
         self.count = CompileCount()
+        self._handler = _LimitHits(self.count.limit_hits)
+        logging.getLogger("torch._dynamo").addHandler(self._handler)
         return self.count
 
     def __exit__(self, *exc: object) -> None:
+        logging.getLogger("torch._dynamo").removeHandler(self._handler)
         utils = self._utils
         self.count.graphs = utils.counters["stats"]["unique_graphs"] - self._before
         reasons: list[str] = []

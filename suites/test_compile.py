@@ -4,15 +4,20 @@ Two ways users compile: generate()'s own auto-compile of the decode step when th
 (``compile=auto``; on CPU the plugin asks generate to compile anyway, in inductor's default mode), and
 ``torch.compile(model.forward, fullgraph=True)`` in the guide's hand-written decode loop
 (``compile=default`` or ``reduce-overhead``, the latter with CUDA graphs, GPU only). A model without
-``_can_compile_fullgraph`` is reported unsupported.
+``_can_compile_fullgraph`` is reported unsupported. Recompiles are checked on one repeated request, on
+a serving-like mix of lengths, batch sizes and output lengths, and for ``model.forward =
+torch.compile(model.forward)`` with a dynamic cache; dynamo's recompile limit stays in force, so a
+silent fall back to eager shows as a failure.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import pytest
 
+from pytest_llmopt import compat
 from pytest_llmopt.instrumentation import count_compiled_calls
 from pytest_llmopt.measure import cache_layout, watch_compiles
 
@@ -91,6 +96,126 @@ def _check_recompiles(case):
     assert after.graphs == 0, (
         f"{case.label}: {after.graphs} recompile(s) after warm-up on same-shape inputs.\n  dynamo's reasons: {_reasons(after.reasons)}"
     )
+
+
+@pytest.mark.llmopt(cache="static", compile="auto", reference=TO_EAGER)
+def test_request_mix_compiles_a_bounded_number_of_graphs(llmopt_case):
+    """A serving-like mix under one cache size (prompts of several lengths, batch 1 and 4, several
+    max_new_tokens), twice: the first pass compiles a bounded number of graphs, the second none, no
+    function hits dynamo's recompile limit, and every decode step goes through the compiled forward."""
+    case = llmopt_case
+    target = case.target
+    mix = _request_mix(case)
+    ceiling = max(ids.shape[1] + n for ids, _, n in mix)
+    extra: dict = {"max_cache_len": ceiling} if compat_max_cache_len() else {}
+    if _backend(case) != "inductor":
+        extra["compile_config"] = compat.compile_config(all_devices=True, backend=_backend(case), mode=None)
+    # Largest request first: releases without max_cache_len size the cache to the largest call so far.
+    mix.sort(key=lambda r: -(r[0].shape[1] + r[2]))
+    with watch_compiles() as first:
+        for ids, mask, n in mix:
+            target.generate(ids, mask, n, **extra)
+    with watch_compiles() as second, count_compiled_calls(target.model) as compiled:
+        for ids, mask, n in reversed(mix):
+            target.generate(ids, mask, n, **extra)
+    steps = sum(n - 1 for _, _, n in mix)
+    batches = len({ids.shape[0] for ids, _, _ in mix})
+    layout = cache_layout(target.model.config)
+    allowed = batches * (WARMUP_GRAPHS + 1) + (1 if layout.sliding_layers else 0)
+    case.record(requests=len(mix), compiles_first_pass=first.graphs, recompiles_second_pass=second.graphs,
+                compiled_forward_calls=compiled["calls"], decode_steps=steps)
+    hits = first.limit_hits + second.limit_hits
+    assert not hits, f"{case.label}: the request mix hit dynamo's recompile limit, so it fell back to eager (it recompiles per request): {'; '.join(hits)}"
+    assert compiled["calls"] >= steps, (
+        f"{case.label}: {compiled['calls']} compiled forward calls for {steps} decode steps in the second pass: "
+        "some decode steps ran eager"
+    )
+    assert first.graphs <= allowed, (
+        f"{case.label}: the request mix compiled {first.graphs} graphs ({len(mix)} requests under one cache size, "
+        f"at most {allowed} expected for {batches} batch sizes): it recompiles per request.\n"
+        f"  dynamo's reasons: {_reasons(first.reasons)}"
+    )
+    assert second.graphs == 0, (
+        f"{case.label}: {second.graphs} recompile(s) when the same request mix came again.\n  dynamo's reasons: {_reasons(second.reasons)}"
+    )
+
+
+@pytest.mark.llmopt(cache="dynamic", reference=TO_EAGER)
+def test_compiled_forward_with_dynamic_cache(llmopt_case):
+    """``model.forward = torch.compile(model.forward)`` with the default dynamic cache: the cache grows
+    every step, so dynamo must mark the length dynamic once and stop compiling; a call with three times
+    the new tokens compiles nothing more, nothing hits the recompile limit, and the tokens equal eager."""
+    case = llmopt_case
+    reference, target = case.reference, case.target
+    ids, mask = reference.encode([p.text for p in case.prompts])
+    short = max(2, case.new_tokens // 3)
+    with _compiled_forward(target.model, _backend(case)) as calls, watch_compiles() as first:
+        target.generate(ids, mask, short)
+    with _compiled_forward(target.model, _backend(case)) as calls, watch_compiles() as longer:
+        generated = target.generate(ids, mask, 3 * short)
+    case.record(compiles_short=first.graphs, recompiles_longer=longer.graphs, compiled_forward_calls=calls["calls"])
+    hits = first.limit_hits + longer.limit_hits
+    assert not hits, f"{case.label}: the compiled forward hit dynamo's recompile limit, so it fell back to eager: {'; '.join(hits)}"
+    assert calls["calls"] == 3 * short, f"{case.label}: {calls['calls']} compiled forward calls for {3 * short} new tokens"
+    assert longer.graphs == 0, (
+        f"{case.label}: {longer.graphs} more graph(s) compiled for {3 * short} new tokens after a warm-up of {short} "
+        f"({first.graphs} graphs): the graph count grows with the number of new tokens.\n  dynamo's reasons: {_reasons(longer.reasons)}"
+    )
+    case.check_greedy(reference.generate(ids, mask, 3 * short), generated, what="compiled forward, dynamic cache")
+
+
+def _request_mix(case) -> list:
+    """(ids, mask, max_new_tokens): each prompt alone and its first half, and the padded batch of all."""
+    target = case.target
+    n = case.new_tokens
+    lengths = [n, max(2, n // 2), max(2, n // 3)]
+    mix = []
+    for i, prompt in enumerate(case.prompts):
+        ids, mask = target.encode(prompt.text)
+        half = max(1, ids.shape[1] // 2)
+        mix.append((ids, mask, lengths[i % 3]))
+        mix.append((ids[:, :half], mask[:, :half], lengths[(i + 1) % 3]))
+    ids, mask = target.encode([p.text for p in case.prompts])
+    mix.append((ids, mask, lengths[0]))
+    mix.append((ids, mask, lengths[2]))
+    return mix
+
+
+def _backend(case) -> str:
+    """The graph-count checks are about dynamo (what it guards on, when it recompiles or gives up); on CPU
+    they trace with dynamo's eager backend, because inductor's CPU compile of each graph costs seconds and
+    its code is checked by the other tests of this suite. On CUDA: inductor, as users run it."""
+    return "inductor" if case.target.machine.device_type == "cuda" else "eager"
+
+
+def compat_max_cache_len() -> bool:
+    """generate(max_cache_len=...) exists from transformers 5.2x; before, the cache keeps the largest size seen."""
+    from transformers import GenerationConfig
+
+    return hasattr(GenerationConfig(), "max_cache_len")
+
+
+@contextlib.contextmanager
+def _compiled_forward(model, backend: str) -> Iterator[dict]:
+    """The model's forward compiled as users do it (``model.forward = torch.compile(model.forward)``),
+    counting its calls; the instance attribute is removed afterwards (the compiled function is reused)."""
+    import torch
+
+    cached = model.__dict__.setdefault("_llmopt_compiled_forward", {})
+    if backend not in cached:
+        cached[backend] = torch.compile(type(model).forward.__get__(model), backend=backend)
+    compiled = cached[backend]
+    counter = {"calls": 0}
+
+    def forward(*args, **kwargs):
+        counter["calls"] += 1
+        return compiled(*args, **kwargs)
+
+    model.forward = forward
+    try:
+        yield counter
+    finally:
+        del model.forward
 
 
 def _reasons(reasons: list[str] | None) -> str:

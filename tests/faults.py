@@ -97,6 +97,45 @@ def recompile_every_step(mp: pytest.MonkeyPatch) -> None:
     mp.setattr(StaticLayer, "update", update)
 
 
+def dynamic_cache_recompile_every_step(mp: pytest.MonkeyPatch) -> None:
+    """A per-step Python constant on the dynamic cache's layer (a string naming the step, which dynamo
+    guards on by value and can never make dynamic): a compiled forward recompiles at every new token, so
+    the number of graphs grows with the output length and soon hits dynamo's recompile limit."""
+    from transformers.cache_utils import DynamicLayer
+
+    original = DynamicLayer.update
+
+    def update(self: Any, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> Any:
+        self._llmopt_step = f"step {int(getattr(self, '_llmopt_step', 'step 0').split()[1]) + 1}"
+        scale = 1.0 if self._llmopt_step.endswith(("0", "1", "2", "3", "4", "5", "6", "7", "8", "9")) else 2.0
+        return original(self, key_states * scale, value_states, *args, **kwargs)
+
+    mp.setattr(DynamicLayer, "update", update)
+
+
+def static_cache_sized_per_request(mp: pytest.MonkeyPatch) -> None:
+    """generate() sizes each static cache to its own request again, forgetting both ``max_cache_len`` and
+    the largest size seen (the behaviour transformers #46424 fixed), under a compile that specializes on
+    shapes (``CompileConfig(dynamic=False)``): a graph per request size."""
+    import copy
+
+    from transformers import PreTrainedModel
+    from transformers.generation import utils
+
+    original = PreTrainedModel.get_compiled_call
+
+    def static_shapes(self: Any, compile_config: Any) -> Any:
+        config = copy.copy(compile_config)
+        config.dynamic = False
+        return original(self, config)
+
+    mp.setattr(PreTrainedModel, "get_compiled_call", static_shapes)
+    _patch_source(mp, utils, utils.GenerationMixin, "_prepare_static_cache",
+                  'previous_max_len = getattr(self, "_previous_max_cache_length", -1)', "previous_max_len = -1")
+    _patch_source(mp, utils, utils.GenerationMixin, "_prepare_cache_for_generation",
+                  "max_cache_length = max(max_cache_length, generation_config.max_cache_len)", "pass")
+
+
 def auto_compile_stays_eager(mp: pytest.MonkeyPatch) -> None:
     """generate()'s auto-compile criteria answer no whatever the cache and config: a static cache decodes
     eagerly, so it matches eager and compiles nothing, without compiling anything either."""

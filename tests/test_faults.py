@@ -64,6 +64,20 @@ FAULTS = {
         ("--llmopt-variants=compile=auto", "--llmopt-new-tokens=5"),
         ("*graphs compiled during one warm-up call of 5 tokens*it recompiles while decoding*", "*dynamo's reasons:*_llmopt_tick*"),
     ),
+    "a dynamic cache recompiles every token": Fault(
+        faults.dynamic_cache_recompile_every_step,
+        "test_compile.py",
+        "test_compiled_forward_with_dynamic_cache",
+        ("--llmopt-new-tokens=9",),
+        ("*dynamic/sdpa/fp32@tiny-llama*: 6 more graph(s) compiled for 9 new tokens after a warm-up of 3 (3 graphs): the graph count grows with the number of new tokens*", "*dynamo's reasons:*_llmopt_step == 'step *"),
+    ),
+    "static cache sized per request": Fault(
+        faults.static_cache_sized_per_request,
+        "test_compile.py",
+        "test_request_mix",
+        (),
+        ("*static+compile/sdpa/fp32@tiny-llama vs dynamic/sdpa/fp32: the request mix * it recompiles per request*", "*size mismatch at index*"),
+    ),
     "auto-compile silently eager": Fault(
         faults.auto_compile_stays_eager,
         "test_compile.py",
