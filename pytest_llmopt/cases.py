@@ -73,6 +73,8 @@ def params_for(session: LlmoptSession, marker: pytest.Mark) -> list[Any]:
             if "attention" not in marker.kwargs and not info.capabilities.get("sdpa", True):
                 variant = replace(variant, attention="eager")  # the model's own default, as from_pretrained picks it
             reference = replace(variant, **overrides)
+            if reference.attention.startswith("sdpa") and not info.capabilities.get("sdpa", True):
+                reference = replace(reference, attention="eager")  # the plain path of a model without SDPA (5.x Gemma2)
             marks: list[pytest.MarkDecorator] = [getattr(pytest.mark, name) for name in variant.markers()]
             skip = skip_reason(variant, machine, info.capabilities, info.class_name)
             missing = compat.missing_feature(variant.compile, machine.device_type) or quantize.unsupported(variant)
@@ -80,7 +82,7 @@ def params_for(session: LlmoptSession, marker: pytest.Mark) -> list[Any]:
             if skip:
                 marks.append(pytest.mark.skip(reason=skip[1]))
             param = CaseParam(spec, variant, reference, skip[0] if skip else None)
-            issues = known_issues.known_issues(marker.kwargs.get("known_issues", ()), variant.cache, variant.attention, machine.device_type)
+            issues = known_issues.known_issues(marker.kwargs.get("known_issues", ()), variant.cache, variant.attention, machine.device_type, info.config)
             if issues and not skip:  # one xfail, limited to the exceptions these bugs raise
                 reason = "; ".join(issue.reason for issue in issues)
                 marks.append(outcomes.known_issue(reason, tuple(known_issues.exception_class(issue.raises) for issue in issues)))
@@ -303,18 +305,21 @@ class Case:
             pytest.fail(verdict.message, pytrace=False)
         return verdict
 
-    def check_distribution(self, runner: Runner, text: str | Any, samples: int, new_tokens: int, what: str = "", **extra: Any) -> Any:
+    def check_distribution(
+        self, runner: Runner, text: str | Any, samples: int, new_tokens: int, what: str = "", temperature: float = 1.0, top_p: float = 1.0, **extra: Any
+    ) -> Any:
         """Fail unless sampled continuations of ``text`` (or token ids [1, T]) on ``runner`` (with ``extra``
-        generate arguments, e.g. an assistant) follow the plain model's distribution (distribution.distribution_test)."""
+        generate arguments, e.g. an assistant, and the warpers ``temperature`` / ``top_p``) follow the plain
+        model's *processed* distribution (distribution.distribution_test)."""
         from .distribution import distribution_test
 
         plain = self.runner(self.param.reference)
         ids = plain.encode(text)[0] if isinstance(text, str) else text
-        drawn = runner.sample(ids, samples, new_tokens, self.seed, **extra)
+        drawn = runner.sample(ids, samples, new_tokens, self.seed, temperature=temperature, top_p=top_p, **extra)
         verdict = distribution_test(
             drawn.cpu(),
             ids[0].cpu(),
-            lambda full: plain.exact_probs(full, ids.shape[1]),
+            lambda full: plain.exact_probs(full, ids.shape[1], temperature=temperature, top_p=top_p),
             seed=self.seed,
             label=f"{self.label}{' (' + what + ')' if what else ''}",
             reproduce=self.reproduce,

@@ -19,6 +19,8 @@ import transformers
 from packaging.version import Version
 from transformers import AutoModelForCausalLM, GenerationMixin
 
+from . import hybrid
+
 TRANSFORMERS = Version(transformers.__version__)
 
 CAPABILITIES = ("sdpa", "flash_attn", "flex_attn", "compile_fullgraph", "static_cache")
@@ -161,7 +163,6 @@ def sdpa_backend(name: str | None) -> Iterator[None]:
         yield
 
 
-
 # --------------------------------------------------------------------------------------------------
 # Caches and forward calls
 
@@ -180,17 +181,19 @@ def _init_params(cls: type) -> set[str]:
     return names
 
 
-def make_dynamic_cache(model: Any) -> Any:
-    """An empty DynamicCache; from 4.5x it takes the config (sliding-window layers get their window)."""
+def make_dynamic_cache(model: Any, max_cache_len: int | None = None) -> Any:
+    """An empty DynamicCache (from 4.5x given the config); a 4.x HybridCache model, which runs on nothing else, its HybridCache."""
     from transformers import DynamicCache
+    if max_cache_len is not None and hybrid.hybrid_class(model) is not None:
+        return make_static_cache(model, 1, max_cache_len)
     return DynamicCache(config=model.config) if "config" in _init_params(DynamicCache) else DynamicCache()
 
 
 def make_static_cache(model: Any, batch_size: int, max_cache_len: int) -> Any:
-    """A StaticCache: 5.x takes (config, max_cache_len); 4.x wanted batch size, device and dtype, under changing names."""
+    """A StaticCache (a 4.x HybridCache model: its HybridCache): 5.x takes (config, max_cache_len); 4.x wanted batch size, device and dtype."""
     from transformers import StaticCache
-
-    params = _init_params(StaticCache)
+    cls = hybrid.hybrid_class(model) or StaticCache
+    params = _init_params(cls)
     kwargs: dict[str, Any] = {"config": model.config, "max_cache_len": max_cache_len}
     for name in ("max_batch_size", "batch_size"):
         if name in params:
@@ -200,7 +203,7 @@ def make_static_cache(model: Any, batch_size: int, max_cache_len: int) -> Any:
         kwargs["device"] = model.device
     if "dtype" in params:
         kwargs["dtype"] = model.dtype
-    return StaticCache(**kwargs)
+    return cls(**kwargs)
 
 
 def cache_tensors(cache: Any) -> list[torch.Tensor]:
@@ -255,8 +258,6 @@ def step_kwargs(model: Any, input_ids: torch.Tensor, cache: Any, start: int, att
     return kwargs
 
 
-
-
 # --------------------------------------------------------------------------------------------------
 # Generation
 
@@ -286,7 +287,6 @@ def _instance_override(obj: Any, name: str, value: Any) -> Iterator[None]:
             vars(obj).pop(name, None)
         else:
             setattr(obj, name, saved)
-
 
 
 def supports_auto_compile() -> bool:
@@ -338,6 +338,7 @@ def generate_kwargs(
     device_type: str,
     do_sample: bool = False,
     eos_ids: list[int] | None = None,
+    model: Any = None,
 ) -> dict[str, Any]:
     """Keyword arguments for generate() that force exactly ``new_tokens`` tokens on the requested path.
 
@@ -360,8 +361,8 @@ def generate_kwargs(
         kwargs.update(temperature=1.0, top_k=0, top_p=1.0)
     else:
         kwargs.update(temperature=None, top_k=None, top_p=None)
-    if cache == "static":
-        kwargs["cache_implementation"] = "static"
+    if cache == "static":  # a 4.x HybridCache model's static cache is "hybrid" (module hybrid)
+        kwargs["cache_implementation"] = "static" if model is None else hybrid.static_implementation(model)
     if compile_mode == "off":
         if supports_auto_compile():
             kwargs["disable_compile"] = True

@@ -113,6 +113,7 @@ class Generation:
     logits: torch.Tensor | None  # [B, N, V]
     attention_mask: torch.Tensor | None = None
     replay: Callable[[torch.Tensor], Generation] | None = field(default=None, repr=False, compare=False)
+    suppressed: tuple[int, ...] = ()  # ids generate() was told never to pick (their raw logits may still be highest)
 
     @property
     def new_tokens(self) -> torch.Tensor:
@@ -136,7 +137,7 @@ class Generation:
                 forced[index] = tokens[0].to(forced.device)
                 return batch_replay(forced).row(index)
 
-        return Generation(prompt, sequences, logits, None, replay)
+        return Generation(prompt, sequences, logits, None, replay, self.suppressed)
 
 
 @dataclass
@@ -282,12 +283,13 @@ def compare_greedy(
 
 def _unsupported_choices(generation: Generation, eos_ids: Sequence[int]) -> list[tuple[int, int, int, int, float]]:
     """(row, position, chosen, argmax, margin) wherever a greedy path chose a token that is not the argmax of its
-    own logits (EOS excluded, as it is suppressed while generating). The floor rule assumes each side's tokens
+    own logits (EOS and the generation's other suppressed ids excluded: they are never picked). The floor rule assumes each side's tokens
     follow its logits; a path that commits a token its logits reject breaks that without moving any logit."""
     assert generation.logits is not None
     logits = generation.logits.float().clone()
-    if eos_ids:
-        logits[..., list(eos_ids)] = float("-inf")
+    excluded = sorted(set(eos_ids) | set(generation.suppressed))
+    if excluded:
+        logits[..., excluded] = float("-inf")
     chosen = generation.new_tokens.to(torch.long)
     best = logits.argmax(-1)
     gap = logits.gather(-1, best.unsqueeze(-1)).squeeze(-1) - logits.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)

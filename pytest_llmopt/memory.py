@@ -208,7 +208,11 @@ def check_cache(
 
     layout = cache_layout(config)
     layers = cache_layers(cache)
-    flags = sliding_flags(config, len(layers))
+    # A 4.x HybridCache (Gemma2) says which layers slide (is_sliding_list, 4.4x: is_sliding); its config has no layer_types.
+    own = getattr(cache, "is_sliding_list", None)
+    if own is None and type(cache).__name__ == "HybridCache":
+        own = getattr(cache, "is_sliding", None)
+    flags = [bool(flag) for flag in own] if own is not None else sliding_flags(config, len(layers))
     per_position = 2 * batch * layout.kv_heads * layout.head_dim * dtype_bytes
     window = layout.window or length
     formula = 0

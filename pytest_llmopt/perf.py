@@ -349,6 +349,7 @@ def time_runner(runner: Any, ids: Any, setup: Setup, extra: dict[str, Any], draf
         compile_mode=variant.compile,
         device_type=runner.machine.device_type,
         eos_ids=runner.eos_ids,
+        model=runner.model,
     )
     kwargs.update(output_logits=False, **extra)
     mask = torch.ones_like(ids)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from . import compat, outcomes
+from . import compat, hybrid, outcomes
 from .equivalence import Generation
 from .instrumentation import StateLeftBehindError, model_state, state_changes
 from .machine import Machine
@@ -109,12 +109,15 @@ class Runner:
             device_type=self.machine.device_type,
             do_sample=do_sample,
             eos_ids=self.eos_ids,
+            model=self.model,
         )
         if self.variant.cache == "static-object" and "cache_object" not in extra:
             cache = compat.make_static_cache(self.model, input_ids.shape[0], input_ids.shape[1] + new_tokens)
             kwargs[compat.cache_keyword(self.model)] = cache
         if "cache_object" in extra:
             kwargs[compat.cache_keyword(self.model)] = extra.pop("cache_object")
+        if compat.cache_keyword(self.model) in kwargs:
+            kwargs.update(hybrid.cache_object_kwargs(self.model))
         kwargs.update(extra)
         if force is not None:
             from transformers import LogitsProcessorList
@@ -134,7 +137,8 @@ class Runner:
         def replay(tokens: torch.Tensor) -> Generation:
             return self.generate(input_ids, attention_mask, new_tokens, do_sample, force=tokens, **replay_extra)
 
-        return Generation(input_ids.cpu(), out.sequences.cpu(), logits, mask, None if do_sample else replay)
+        suppressed = tuple(int(i) for i in kwargs.get("suppress_tokens") or ())
+        return Generation(input_ids.cpu(), out.sequences.cpu(), logits, mask, None if do_sample else replay, suppressed)
 
     def decode_loop(
         self,
@@ -200,17 +204,31 @@ class Runner:
         rows = [self.generate(input_ids, None, new_tokens, do_sample=True, **extra).new_tokens for _ in range(samples)]
         return torch.cat(rows, dim=0)
 
-    def exact_probs(self, full_ids: torch.Tensor, prompt_len: int, chunk: int = 64) -> torch.Tensor:
-        """The distribution each generated token was drawn from under plain sampling (temperature 1,
-        no top-k/top-p, EOS masked as generate_kwargs suppresses it), by teacher forcing: [n, L, V] float64."""
+    def exact_probs(self, full_ids: torch.Tensor, prompt_len: int, chunk: int = 64, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
+        """The distribution each generated token was drawn from under plain sampling with ``temperature``
+        and ``top_p`` (EOS masked as generate_kwargs suppresses it), by teacher forcing: [n, L, V] float64.
+        The warpers are computed here, not by transformers' processors, so a fault in those shows too."""
         out = []
         eos = self.eos_ids
         for start in range(0, full_ids.shape[0], chunk):
             ids = full_ids[start : start + chunk].to(self.model.device)
             logits = self.forward_logits(ids, None)[:, prompt_len - 1 : -1].double()
             logits[..., eos] = float("-inf")
-            out.append(torch.softmax(logits, dim=-1))
+            out.append(nucleus(torch.softmax(logits / temperature, dim=-1), top_p))
         return torch.cat(out, dim=0)
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Top-p filtering as transformers defines it: drop the least likely tokens whose probabilities sum to at
+    most 1 - top_p (at least one token kept), renormalized."""
+    if top_p >= 1.0:
+        return probs
+    ascending, order = probs.sort(dim=-1)
+    drop_sorted = ascending.cumsum(-1) <= 1 - top_p
+    drop_sorted[..., -1] = False
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    kept = probs.masked_fill(drop, 0.0)
+    return kept / kept.sum(-1, keepdim=True)
 
 
 class ForceTokens:

@@ -68,7 +68,7 @@ def test_continuation_matches_from_scratch(llmopt_case):
 
     def continued(force: torch.Tensor | None = None):
         model = target.model
-        cache = compat.make_dynamic_cache(model) if case.variant.cache == "dynamic" else compat.make_static_cache(model, 1, length)
+        cache = compat.make_dynamic_cache(model, length) if case.variant.cache == "dynamic" else compat.make_static_cache(model, 1, length)
         turn = target.generate(first_ids, first_mask, case.new_tokens, cache_object=cache)
         ids = second.setdefault("ids", torch.cat([turn.sequences.to(follow.device), follow], dim=1))
         out = target.generate(ids, torch.ones_like(ids), case.new_tokens, force=force, cache_object=cache)

@@ -192,3 +192,36 @@ def test_a_known_issue_id_missing_from_the_registry_is_a_usage_error(pytester: p
     result = pytester.runpytest()
     assert result.ret != 0
     result.stdout.fnmatch_lines(["*known_issues=*no-such-issue* not in pytest_llmopt.known_issues.KNOWN_ISSUES*"])
+
+
+def test_an_architecture_bug_spares_other_models(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An upstream bug of one architecture (SDPA dropping Gemma2's soft-capping) applies to the models that
+    have what it needs, whatever the release: not to Llama, not to eager attention."""
+    from dataclasses import replace
+
+    from pytest_llmopt import zoo
+
+    name = "sdpa-ignores-attention-softcap"
+    monkeypatch.setitem(known_issues.BY_ID, name, replace(known_issues.BY_ID[name], present=lambda: True))
+
+    def found(model: str, attention: str) -> list[str]:
+        return [i.id for i in known_issues.known_issues([name], "dynamic", attention, "cpu", zoo.builtin_config(model))]
+
+    assert found("tiny-gemma2", "sdpa") == [name]
+    assert found("tiny-llama", "sdpa") == [] and found("tiny-gemma2", "eager") == []
+
+
+def test_a_hybrid_cache_model_gets_its_own_cache_kind() -> None:
+    """4.x Gemma2 runs on nothing but its HybridCache: it is the static cache and the cache object of the plain
+    path there, and "static" means "hybrid" to generate(). 5.x dropped HybridCache: StaticCache and "static"."""
+    from pytest_llmopt import hybrid, zoo
+
+    model = zoo.build_builtin("tiny-gemma2", 0, torch.float32, "cpu", compat.from_config, "eager")
+    cls = hybrid.hybrid_class(model)
+    kwargs = compat.generate_kwargs(new_tokens=1, cache="static", compile_mode="off", device_type="cpu", model=model)
+    if cls is None:
+        assert type(compat.make_static_cache(model, 1, 64)).__name__ == "StaticCache"
+        assert kwargs["cache_implementation"] == "static" and hybrid.cache_object_kwargs(model) == {}
+    else:
+        assert isinstance(compat.make_static_cache(model, 1, 64), cls) and isinstance(compat.make_dynamic_cache(model, 64), cls)
+        assert kwargs["cache_implementation"] == "hybrid" and hybrid.cache_object_kwargs(model) == {"cache_implementation": None}
