@@ -4,6 +4,9 @@
 * ``contrarian``: the target with its output logits rolled by one token; its greedy draft is never the
   target's choice, so every draft must be rejected (and its sampling distribution q differs from p
   everywhere, which exercises the residual max(p - q, 0) of speculative sampling).
+* ``tempered``: the target with its logits halved (temperature 2): q overlaps p without equalling it, so
+  sampling accepts some drafts and rejects others, where an error in the acceptance ratio min(1, p/q)
+  shows (with the self draft every ratio is 1, with the contrarian one nearly 0).
 
 Both share the target's weights (a shallow copy with its own head and generation config): no memory
 is added, which matters for a 7B model on a GPU runner. Drafting is set to a constant 4 tokens with
@@ -17,7 +20,8 @@ from typing import Any
 
 import torch
 
-KINDS = ("self", "contrarian")
+KINDS = ("self", "contrarian", "tempered")
+SAMPLING_KINDS = ("contrarian", "tempered")  # the self draft accepts everything: no ratio to get wrong
 DRAFT_TOKENS = 4
 
 
@@ -32,6 +36,18 @@ class RolledHead(torch.nn.Module):
         return torch.roll(self.head(hidden), shifts=1, dims=-1)
 
 
+class TemperedHead(torch.nn.Module):
+    """The wrapped head's logits times ``factor`` (0.5: the distribution at temperature 2)."""
+
+    def __init__(self, head: torch.nn.Module, factor: float = 0.5) -> None:
+        super().__init__()
+        self.head = head
+        self.factor = factor
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden) * self.factor
+
+
 def build(model: Any, kind: str) -> Any:
     """A draft model of ``kind`` sharing ``model``'s weights."""
     if kind not in KINDS:
@@ -40,12 +56,12 @@ def build(model: Any, kind: str) -> Any:
     draft._modules = dict(model._modules)  # own module table: swapping the head leaves the target alone
     draft.generation_config = copy.deepcopy(model.generation_config)
     configure_drafting(draft)
-    if kind == "contrarian":
+    if kind in ("contrarian", "tempered"):
         head = model.get_output_embeddings()
         names = [name for name, module in model._modules.items() if module is head]
         if not names:
-            raise ValueError(f"{type(model).__name__}: the output head is not a direct child; cannot build a contrarian draft")
-        draft._modules[names[0]] = RolledHead(head)
+            raise ValueError(f"{type(model).__name__}: the output head is not a direct child; cannot build a {kind} draft")
+        draft._modules[names[0]] = RolledHead(head) if kind == "contrarian" else TemperedHead(head)
     return draft
 
 
@@ -93,3 +109,61 @@ def _sequence_length(kwargs: dict[str, Any], out: Any) -> int:
     if cache is None or not hasattr(cache, "get_seq_length"):
         raise RuntimeError("agreeing draft: the forward call got no position ids, 2-D attention mask or cache, so the position of each logit is unknown")
     return int(cache.get_seq_length())
+
+
+def renumbered_twin(model: Any, tokenizer: Any) -> tuple[Any, Any] | None:
+    """The target under another tokenizer: the same BPE with every ordinary token's id moved (a rotation;
+    special tokens keep theirs), and a draft that maps ids back before the target's forward and forward
+    again on its logits. Its drafts are the target's own greedy choices wherever re-tokenizing the text
+    gives the same tokens, so universal assisted decoding must accept them: a built-in pair of different
+    vocabularies whose acceptance is known. None when the tokenizer is not a BPE ``tokenizers`` one."""
+    import json
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    doc = json.loads(backend.to_str())
+    vocab = doc.get("model", {}).get("vocab")
+    if doc.get("model", {}).get("type") != "BPE" or not isinstance(vocab, dict):
+        return None
+    special = {int(t["id"]) for t in doc.get("added_tokens", [])}
+    ordinary = sorted(i for i in vocab.values() if i not in special)
+    if len(ordinary) < 2:
+        return None
+    new_of_old = {old: ordinary[(k + 1) % len(ordinary)] for k, old in enumerate(ordinary)}
+    doc["model"]["vocab"] = {token: new_of_old.get(i, i) for token, i in vocab.items()}
+    twin_tokenizer = _fast_tokenizer(json.dumps(doc), tokenizer)
+
+    size = model.config.get_text_config().vocab_size
+    old_of_new = torch.arange(size)
+    for old, new in new_of_old.items():
+        old_of_new[new] = old
+    draft = copy.copy(model)
+    draft._modules = dict(model._modules)
+    draft.generation_config = copy.deepcopy(model.generation_config)
+    # transformers tells vocabularies apart by their size: one more id, never drawn (-inf), makes the twin "other".
+    draft.config = copy.deepcopy(model.config)
+    draft.config.get_text_config().vocab_size = size + 1
+    configure_drafting(draft)
+    forward = type(model).forward.__get__(draft)
+    index = old_of_new.to(model.device)
+
+    def renumbered_forward(input_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        out = forward(input_ids=None if input_ids is None else index[input_ids.clamp(max=size - 1)], **kwargs)
+        logits = out.logits.index_select(-1, index)
+        out.logits = torch.cat([logits, torch.full_like(logits[..., :1], float("-inf"))], dim=-1)
+        return out
+
+    draft.forward = renumbered_forward
+    return draft, twin_tokenizer
+
+
+def _fast_tokenizer(serialized: str, like: Any) -> Any:
+    """A PreTrainedTokenizerFast over ``serialized`` with the special tokens and padding side of ``like``."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    specials = {k: getattr(like, k) for k in ("bos_token", "eos_token", "unk_token", "pad_token") if getattr(like, k, None) is not None}
+    fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(serialized), **specials)
+    fast.padding_side = like.padding_side
+    return fast

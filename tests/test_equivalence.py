@@ -136,6 +136,25 @@ def test_eos_is_not_a_choice_when_checking_the_tokens():
     assert verdict.ok, verdict.message
 
 
+def test_ids_the_generation_suppressed_are_not_a_choice():
+    """An id generate() was told never to pick (e.g. one past the tokenizer) may top the raw logits: the
+    token below it is the right choice, on the side that suppressed it only."""
+    precise = _precise()
+    precise[0, 3, 40] = 50.0
+    plain, cand = _noisy(precise, 0.01, 1), _noisy(precise, 0.01, 2)
+    masked = plain.clone()
+    masked[..., 40] = float("-inf")
+    tokens = masked.argmax(-1)[0].tolist()
+
+    def suppressing(logits: torch.Tensor, ids: tuple[int, ...]) -> Generation:
+        generation = _generation(logits, tokens)
+        return Generation(generation.prompt_ids, generation.sequences, logits, suppressed=ids)
+
+    assert compare_greedy(suppressing(plain, (40,)), suppressing(cand, (40,)), precise, Chars(), factor=FACTOR).ok
+    unsuppressed = compare_greedy(suppressing(plain, (40,)), suppressing(cand, ()), precise, Chars(), factor=FACTOR)
+    assert not unsuppressed.ok and "greedy chose a token its own logits do not pick: prompt 0, new token 3" in unsuppressed.message
+
+
 def test_missing_logits_fail():
     prompt = torch.tensor([[0, 1]])
     plain = Generation(prompt, torch.tensor([[0, 1, 2, 3]]), None)
