@@ -64,9 +64,10 @@ def _gemma2_source(name: str) -> str:
     return _source(getattr(getattr(gemma2, cls, None), method, None))
 
 
-def _mixes_sliding_and_full_layers(config: Any) -> bool:
-    types = set(getattr(_text_config(config), "layer_types", None) or ())
-    return {"sliding_attention", "full_attention"} <= types
+def _has_sliding_layers(config: Any) -> bool:
+    from .measure import cache_layout
+
+    return cache_layout(config).sliding_layers > 0
 
 
 def transformers_major() -> int:
@@ -194,14 +195,13 @@ KNOWN_ISSUES: tuple[KnownIssue, ...] = (
         "ids, whose length differs from the draft's re-tokenized input (size mismatch in the draft's forward)",
     ),
     KnownIssue(
-        id="universal-draft-with-mixed-sliding-cache",
-        hits=_mixes_sliding_and_full_layers,
+        id="universal-draft-with-sliding-window",
+        hits=_has_sliding_layers,
         present=lambda: transformers_major() >= 5,
         raises="RuntimeError",
-        reason="known issue (seen in transformers 5.24, tiny-gemma2, once the text passes the sliding window): universal "
-        "assisted decoding with a draft whose cache mixes sliding-window and full layers gives the draft an attention "
-        "mask one draft block shorter than its keys (size of tensor a (N) must match b (N+4)); a separate Gemma2 draft "
-        "shows it too, a Mistral one (all layers sliding) does not",
+        reason="known issue (seen in transformers 5.24 on tiny-gemma2 and tiny-mistral, once the text passes the sliding "
+        "window): universal assisted decoding with a sliding-window draft gives the draft an attention mask shorter "
+        "than its keys (size of tensor a (N) must match b (N+k)); a separate Gemma2 draft shows it too",
     ),
 )
 

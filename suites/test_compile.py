@@ -13,6 +13,7 @@ silent fall back to eager shows as a failure.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 import pytest
@@ -157,7 +158,11 @@ def test_compiled_forward_with_dynamic_cache(llmopt_case):
     hits = first.limit_hits + longer.limit_hits
     assert not hits, f"{case.label}: the compiled forward hit dynamo's recompile limit, so it fell back to eager: {'; '.join(hits)}"
     assert calls["calls"] == 3 * short, f"{case.label}: {calls['calls']} compiled forward calls for {3 * short} new tokens"
-    assert longer.graphs == 0, (
+    # A sliding-window layer changes branch once its window is full: one more graph when the longer call
+    # crosses the window (as in _check_recompiles); none otherwise.
+    layout = cache_layout(target.model.config)
+    allowed = 1 if layout.sliding_layers and ids.shape[1] + 3 * short > (layout.window or 0) else 0
+    assert longer.graphs <= allowed, (
         f"{case.label}: {longer.graphs} more graph(s) compiled for {3 * short} new tokens after a warm-up of {short} "
         f"({first.graphs} graphs): the graph count grows with the number of new tokens.\n  dynamo's reasons: {_reasons(longer.reasons)}"
     )
@@ -207,6 +212,9 @@ def _compiled_forward(model, backend: str) -> Iterator[dict]:
     compiled = cached[backend]
     counter = {"calls": 0}
 
+    # generate() reads forward's signature to decide which inputs to build (position_ids among them: without
+    # them a left-padded row of a model with learned positions is shifted), so the counter keeps it.
+    @functools.wraps(compiled)
     def forward(*args, **kwargs):
         counter["calls"] += 1
         return compiled(*args, **kwargs)
