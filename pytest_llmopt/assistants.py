@@ -16,6 +16,7 @@ no confidence cut-off, so every verification step checks several tokens.
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any
 
 import torch
@@ -148,6 +149,7 @@ def renumbered_twin(model: Any, tokenizer: Any) -> tuple[Any, Any] | None:
     forward = type(model).forward.__get__(draft)
     index = old_of_new.to(model.device)
 
+    @functools.wraps(forward)  # generate() reads forward's signature to decide which inputs to build
     def renumbered_forward(input_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
         out = forward(input_ids=None if input_ids is None else index[input_ids.clamp(max=size - 1)], **kwargs)
         logits = out.logits.index_select(-1, index)
