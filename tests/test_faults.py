@@ -76,7 +76,7 @@ FAULTS = {
         "test_compile.py",
         "test_request_mix",
         (),
-        ("*static+compile/sdpa/fp32@tiny-llama vs dynamic/sdpa/fp32: the request mix * it recompiles per request*", "*size mismatch at index*"),
+        ("*static+compile/sdpa/fp32@tiny-llama vs dynamic/sdpa/fp32: the request mix *it recompiles per request*", "*size mismatch at index*"),
     ),
     "auto-compile silently eager": Fault(
         faults.auto_compile_stays_eager,
