@@ -86,10 +86,8 @@ def _check_recompiles(case):
     # No recompile is only worth something if the compiled code ran (an auto-compile that silently stayed
     # eager compiles nothing either).
     assert not auto or compiled["calls"] > 0, f"{case.label}: generate() never called its compiled forward: auto-compile did not trigger"
-    # A sliding-window layer changes branch once its window is full (transformers' StaticSlidingWindowLayer):
-    # one more graph when the warm-up crosses the window; none after warm-up either way.
-    layout = cache_layout(target.model.config)
-    allowed = WARMUP_GRAPHS + (1 if layout.sliding_layers and width + case.new_tokens > (layout.window or 0) else 0)
+    # One more graph where the warm-up crosses a sliding window; none after warm-up either way.
+    allowed = WARMUP_GRAPHS + _window_graphs(target.model, width + case.new_tokens)
     assert warmup.graphs <= allowed, (
         f"{case.label}: {warmup.graphs} graphs compiled during one warm-up call of {case.new_tokens} tokens "
         f"(expected at most {allowed}): it recompiles while decoding.\n  dynamo's reasons: {_reasons(warmup.reasons)}"
@@ -158,10 +156,7 @@ def test_compiled_forward_with_dynamic_cache(llmopt_case):
     hits = first.limit_hits + longer.limit_hits
     assert not hits, f"{case.label}: the compiled forward hit dynamo's recompile limit, so it fell back to eager: {'; '.join(hits)}"
     assert calls["calls"] == 3 * short, f"{case.label}: {calls['calls']} compiled forward calls for {3 * short} new tokens"
-    # A sliding-window layer changes branch once its window is full: one more graph when the longer call
-    # crosses the window (as in _check_recompiles); none otherwise.
-    layout = cache_layout(target.model.config)
-    allowed = 1 if layout.sliding_layers and ids.shape[1] + 3 * short > (layout.window or 0) else 0
+    allowed = _window_graphs(target.model, ids.shape[1] + 3 * short)
     assert longer.graphs <= allowed, (
         f"{case.label}: {longer.graphs} more graph(s) compiled for {3 * short} new tokens after a warm-up of {short} "
         f"({first.graphs} graphs): the graph count grows with the number of new tokens.\n  dynamo's reasons: {_reasons(longer.reasons)}"
@@ -184,6 +179,13 @@ def _request_mix(case) -> list:
     mix.append((ids, mask, lengths[0]))
     mix.append((ids, mask, lengths[2]))
     return mix
+
+
+def _window_graphs(model, length: int) -> int:
+    """A sliding-window layer changes branch once its window is full (transformers' sliding-window cache
+    layers): one more graph for a call whose ``length`` crosses the window, none otherwise."""
+    layout = cache_layout(model.config)
+    return 1 if layout.sliding_layers and length > (layout.window or 0) else 0
 
 
 def _backend(case) -> str:
