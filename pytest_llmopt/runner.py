@@ -199,9 +199,12 @@ class Runner:
         return out.logits.float().cpu()
 
     def sample(self, input_ids: torch.Tensor, samples: int, new_tokens: int, seed: int, **extra: Any) -> torch.Tensor:
-        """``samples`` independent sampled continuations of one prompt (batch 1: assisted decoding needs it)."""
+        """``samples`` independent sampled continuations of one prompt (batch 1: assisted decoding needs it).
+        The mask is explicit: ids built from generated text may hold the pad id, which generate() would
+        otherwise mask out of the prompt (while the cache-free reference attends it)."""
         torch.manual_seed(seed)
-        rows = [self.generate(input_ids, None, new_tokens, do_sample=True, **extra).new_tokens for _ in range(samples)]
+        mask = torch.ones_like(input_ids)
+        rows = [self.generate(input_ids, mask, new_tokens, do_sample=True, **extra).new_tokens for _ in range(samples)]
         return torch.cat(rows, dim=0)
 
     def exact_probs(self, full_ids: torch.Tensor, prompt_len: int, chunk: int = 64, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
