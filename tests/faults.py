@@ -223,6 +223,58 @@ def last_agreeing_draft_rejected(mp: pytest.MonkeyPatch) -> None:
     _patch_source(mp, utils, utils.GenerationMixin, "_assisted_decoding", exact, wrong)
 
 
+def eos_inside_draft_kept(mp: pytest.MonkeyPatch) -> None:
+    """Assisted decoding keeps the tokens a verification step accepted after an EOS inside the draft block
+    (the EOS cut of the accepted tokens finds nothing), so generation runs on past the EOS (reported
+    against 5.15)."""
+    from transformers.generation import utils
+
+    exact = "eos_positions = torch.isin(valid_tokens.squeeze(0), eos_token_id.to(valid_tokens.device)).nonzero()"
+    wrong = "eos_positions = torch.zeros(0, 1, dtype=torch.long)"
+    _patch_source(mp, utils, utils.GenerationMixin, "_assisted_decoding", exact, wrong)
+
+
+def finished_rows_not_padded(mp: pytest.MonkeyPatch) -> None:
+    """A row of a batch that met its EOS keeps generating its own tokens instead of padding until the
+    longest row ends."""
+    from transformers.generation import utils
+
+    exact = "next_tokens = next_tokens * unfinished_sequences + pad_token_id * (1 - unfinished_sequences)"
+    _patch_source(mp, utils, utils.GenerationMixin, "_sample", exact, "next_tokens = next_tokens")
+
+
+def max_length_one_late(mp: pytest.MonkeyPatch) -> None:
+    """The max-length criterion stops one step late: one token more than max_new_tokens."""
+    from transformers.generation import stopping_criteria
+
+    owner = stopping_criteria.MaxLengthCriteria
+    _patch_source(mp, stopping_criteria, owner, "__call__", "is_done = cur_len >= self.max_length", "is_done = cur_len > self.max_length")
+
+
+def min_new_tokens_one_short(mp: pytest.MonkeyPatch) -> None:
+    """min_new_tokens lets the EOS through one token early: the new tokens are counted one too many, both by
+    its processor and by the min_length generate() derives from it (either alone holds the EOS back)."""
+    from transformers.generation import logits_process, utils
+
+    owner = logits_process.MinNewTokensLengthLogitsProcessor
+    exact = "new_tokens_length = input_ids.shape[-1] - self.prompt_length_to_skip"
+    _patch_source(mp, logits_process, owner, "__call__", exact, exact + " + 1")
+    exact = "generation_config.min_length = generation_config.min_new_tokens + input_ids_length"
+    _patch_source(mp, utils, utils.GenerationMixin, "_prepare_generated_length", exact, exact + " - 1")
+
+
+def stop_string_never_matches(mp: pytest.MonkeyPatch) -> None:
+    """The stop-string criterion never reports a match (e.g. a broken token-to-text table): generation runs
+    on past the string."""
+    import torch
+    from transformers.generation.stopping_criteria import StopStringCriteria
+
+    def never(self: Any, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    mp.setattr(StopStringCriteria, "__call__", never)
+
+
 def _patch_source(mp: pytest.MonkeyPatch, module: Any, owner: type, name: str, old: str, new: str) -> None:
     source = textwrap.dedent(inspect.getsource(getattr(owner, name)))
     if old not in source:

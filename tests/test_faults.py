@@ -128,6 +128,41 @@ FAULTS = {
         (),
         ("*a draft that agrees with the target for exactly 3 new tokens had 2 of * draft tokens accepted (exactly 3 expected)*",),
     ),
+    "EOS inside a draft block kept going": Fault(
+        faults.eos_inside_draft_kept,
+        "test_stopping.py",
+        "test_eos_inside_a_draft_block_ends_the_output",
+        (),
+        ("*stopping at an EOS inside a draft block (self draft, prompt*new tokens generated where the rows stop after*",),
+    ),
+    "finished rows not padded": Fault(
+        faults.finished_rows_not_padded,
+        "test_stopping.py",
+        "test_rows_stop_at_their_own_eos and dynamic and sdpa",
+        (),
+        ("*stopping at EOS (token * as EOS, met at new tokens *): row * kept generating after its EOS at new token *padding (0) expected*",),
+    ),
+    "one token past max_new_tokens": Fault(
+        faults.max_length_one_late,
+        "test_stopping.py",
+        "test_exactly_max_new_tokens and dynamic",
+        (),
+        ("*exactly max_new_tokens: dynamic/sdpa/fp32, padded batch generated 2 new tokens for max_new_tokens=1 (one more)*",),
+    ),
+    "min_new_tokens one short": Fault(
+        faults.min_new_tokens_one_short,
+        "test_stopping.py",
+        "test_min_new_tokens and dynamic",
+        (),
+        ("*min_new_tokens=* (token * as EOS, met at new tokens *): row * ended at new token *, before min_new_tokens*",),
+    ),
+    "stop string missed": Fault(
+        faults.stop_string_never_matches,
+        "test_stopping.py",
+        "test_stop_strings and dynamic",
+        (),
+        ("*stop_strings=[[]*[]] (completed at new tokens *): row * kept generating after its stop at new token *",),
+    ),
 }
 
 
