@@ -15,10 +15,12 @@ from .settings import Settings
 
 if TYPE_CHECKING:
     from .cases import Case
+    from .expect import Expectation
     from .session import LlmoptSession
 
 SETTINGS_KEY = pytest.StashKey[Settings]()
 SESSION_KEY = pytest.StashKey["LlmoptSession"]()
+EXPECT_KEY: pytest.StashKey[Expectation] = pytest.StashKey()
 
 MARKERS = {
     "llmopt": "llmopt(cache=..., compile=..., attention=..., quant=..., reference={axis: value}): "
@@ -46,6 +48,14 @@ def pytest_configure(config: pytest.Config) -> None:
         return
     settings = settings_module.from_config(config)
     config.stash[SETTINGS_KEY] = settings
+    if settings.expect is not None:
+        from .expect import Expectation
+        from .report import ReportError
+
+        try:
+            config.stash[EXPECT_KEY] = Expectation.read(settings.expect)
+        except ReportError as exc:
+            raise pytest.UsageError(f"pytest-llmopt: --llmopt-expect: {exc}") from None
     # Speed checks and stored baselines (perf imports no torch until a speed check runs).
     from .perf import PerfPlugin
 
@@ -207,7 +217,28 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         from .cases import summary_line
 
         report.longrepr = f"{summary_line(excinfo.value)}\n  (the full traceback: run again with -vv)"
+    if report.skipped and EXPECT_KEY in item.config.stash:
+        _lost_support(item, report)
     return report
+
+
+def _lost_support(item: pytest.Item, report: pytest.TestReport) -> None:
+    """A refusal of a combination that ran in the --llmopt-expect report fails the test (expect.py)."""
+    from .outcomes import Status, status_from
+    from .report import PROPERTY, Result, status_of
+
+    props = next((v for n, v in report.user_properties if n == PROPERTY and isinstance(v, dict) and "suite" in v), None)
+    if props is None:
+        return
+    status, reason = status_of(report, status_from(props.get("skipped_as")))
+    if status != Status.UNSUPPORTED:
+        return
+    key = Result(props["suite"], props["check"], props["model"], props["variant"], status, props.get("extra")).key
+    config = item.config
+    message = config.stash[EXPECT_KEY].lost(key, reason or "", session_of(config).machine.versions, config.stash[SETTINGS_KEY].expected_refusals)
+    if message is not None:
+        report.outcome = "failed"
+        report.longrepr = message
 
 
 @pytest.hookimpl(wrapper=True)

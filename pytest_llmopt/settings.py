@@ -142,6 +142,16 @@ def _existing_file(raw: Any, base: Path) -> Path | None:
     return path
 
 
+def _refusal_list(raw: Any, base: Path) -> tuple[Any, ...]:
+    """Expected refusals, 'PACKAGE SPECIFIER: text' each (repeatable; ';' between them in the variable)."""
+    from .expect import parse_refusal
+
+    if raw is None:
+        return ()
+    items = raw if isinstance(raw, (list, tuple)) else str(raw).split(";")
+    return tuple(parse_refusal(str(item)) for item in items if str(item).strip())
+
+
 def _output_path(raw: Any, base: Path) -> Path | None:
     text = _optional_text(raw, base)
     if text is None:
@@ -245,6 +255,22 @@ OPTIONS: tuple[OptionSpec, ...] = (
         "PATH",
     ),
     OptionSpec(
+        "expect",
+        "fail where a combination that ran in this earlier JSON report is now refused as unsupported (lost support)",
+        "str",
+        None,
+        _existing_file,
+        "REPORT",
+    ),
+    OptionSpec(
+        "expected-refusal",
+        "a refusal --llmopt-expect accepts: 'transformers>=5.0: text of its reason' (repeatable)",
+        "list",
+        (),
+        _refusal_list,
+        "REFUSAL",
+    ),
+    OptionSpec(
         "baselines",
         "directory of stored speed and memory baselines (<dir>/<hardware>/<model>.json; "
         "default: baselines/ in the rootdir)",
@@ -277,6 +303,8 @@ class Settings:
     seed: int = 0
     new_tokens: int = 24
     report: Path | None = None
+    expect: Path | None = None
+    expected_refusals: tuple[Any, ...] = ()  # expect.ExpectedRefusal
     baselines: Path | None = None
     update_baselines: bool = False
     sources: dict[str, str] = field(default_factory=dict)
@@ -327,6 +355,8 @@ def resolve(
         seed=values["llmopt_seed"],
         new_tokens=values["llmopt_new_tokens"],
         report=values["llmopt_report"],
+        expect=values["llmopt_expect"],
+        expected_refusals=values["llmopt_expected_refusal"],
         baselines=values["llmopt_baselines"],
         update_baselines=values["llmopt_update_baselines"],
         sources=sources,

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from pytest_llmopt import settings
+from pytest_llmopt.expect import parse_refusal
 from pytest_llmopt.settings import OPTIONS, resolve
 
 # A valid, non-default raw value for every option, and what it resolves to.
@@ -21,6 +22,8 @@ SAMPLES = {
     "seed": ("7", 7),
     "new-tokens": ("5", 5),
     "report": ("out.json", None),  # a path: tested apart
+    "expect": (None, None),  # an existing report: tests/test_expect.py
+    "expected-refusal": ("transformers>=5.0: not supported", (parse_refusal("transformers>=5.0: not supported"),)),
     "baselines": (None, None),  # a directory: tests/test_baselines.py
     "update-baselines": ("yes", True),
 }
@@ -34,11 +37,12 @@ ANOTHER = {
     "seed": "9",
     "new-tokens": "6",
     "update-baselines": "0",
+    "expected-refusal": "torch<3: refused",
 }
 
 
 def _value(result: settings.Settings, name: str):
-    value = getattr(result, "models" if name == "model" else name.replace("-", "_"))
+    value = getattr(result, {"model": "models", "expected-refusal": "expected_refusals"}.get(name, name.replace("-", "_")))
     return str(value) if name == "variants" else value
 
 
