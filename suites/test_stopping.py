@@ -171,15 +171,18 @@ def test_stop_strings_end_each_row(llmopt_case):
     target = case.target
     tokenizer = target.tokenizer
     ids, mask = _batch(case)
+    # Ids past the tokenizer (a random shape's embedding is padded beyond it) have no text to complete a string.
+    size, known = target.model.config.get_text_config().vocab_size, len(tokenizer)
+    textless = {"suppress_tokens": target.eos_ids + list(range(known, size))} if size > known else {}
     with case.explain("padded batch, nothing able to stop it"):
-        free = target.generate(ids, mask, case.new_tokens)
+        free = target.generate(ids, mask, case.new_tokens, **textless)
     rows = [r.tolist() for r in free.new_tokens]
     text = stopping.stop_string(rows, tokenizer.decode)
     if text is None:
         outcomes.not_run("no two generated tokens decode to a plain ASCII piece of text that could be a stop string")
     stops = tuple(stopping.text_stop(r, text, tokenizer.decode) for r in rows)
     with case.explain(f"padded batch, stop_strings=[{text!r}]"):
-        got = target.generate(ids, mask, case.new_tokens, stop_strings=[text], tokenizer=tokenizer, pad_token_id=_pad(target)).new_tokens
+        got = target.generate(ids, mask, case.new_tokens, stop_strings=[text], tokenizer=tokenizer, pad_token_id=_pad(target), **textless).new_tokens
     problem = stopping.difference(stopping.cut(free.new_tokens, stops, _pad(target)), got, stops, word="stop")
     case.record(stop_string=text, stop_steps=stopping.describe(stops))
     assert problem is None, f"{case.label}: stop_strings=[{text!r}] (completed at new tokens {stopping.describe(stops)}): {problem}"
