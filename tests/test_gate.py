@@ -19,7 +19,7 @@ def test_upgrade_gate_between_two_transformers_releases() -> None:
     for name in ("current.json", "candidate.json", "gate.md"):
         (reports / name).unlink(missing_ok=True)
     run = subprocess.run(
-        [sys.executable, "-m", "tox", "-e", "current,candidate,gate"], cwd=ROOT, capture_output=True, text=True, timeout=2700
+        [sys.executable, "-m", "tox", "-e", "current,candidate,gate", "--", "-n", "2"], cwd=ROOT, capture_output=True, text=True, timeout=2700
     )
     log = run.stdout[-6000:] + run.stderr[-2000:]
     current = json.loads((reports / "current.json").read_text())
