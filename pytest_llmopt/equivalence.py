@@ -114,6 +114,7 @@ class Generation:
     attention_mask: torch.Tensor | None = None
     replay: Callable[[torch.Tensor], Generation] | None = field(default=None, repr=False, compare=False)
     suppressed: tuple[int, ...] = ()  # ids generate() was told never to pick (their raw logits may still be highest)
+    scores: torch.Tensor | None = None  # [B, N, V] processed scores (output_scores=True), float32 on CPU
 
     @property
     def new_tokens(self) -> torch.Tensor:
@@ -137,7 +138,8 @@ class Generation:
                 forced[index] = tokens[0].to(forced.device)
                 return batch_replay(forced).row(index)
 
-        return Generation(prompt, sequences, logits, None, replay, self.suppressed)
+        scores = None if self.scores is None else self.scores[index : index + 1]
+        return Generation(prompt, sequences, logits, None, replay, self.suppressed, scores)
 
 
 @dataclass
@@ -256,8 +258,9 @@ def compare_greedy(
     for row in rows_parted:
         pos = int(differ[row].float().argmax())
         a, b = int(ref_new[row, pos]), int(cand_new[row, pos])
-        margins.append(max(float(reference.logits[row, pos, a] - reference.logits[row, pos, b]),
-                           float(candidate.logits[row, pos, b] - candidate.logits[row, pos, a])))
+        ref_choice, cand_choice = _choices(reference), _choices(candidate)
+        margins.append(max(float(ref_choice[row, pos, a] - ref_choice[row, pos, b]),
+                           float(cand_choice[row, pos, b] - cand_choice[row, pos, a])))
     verdict = FloorVerdict(ok, plain, cand, ratios, factor, precise_name)
     verdict.stats = {
         "max_delta_logit": float((cand_logits - reference.logits).abs()[valid].max()) if bool(valid.any()) else 0.0,
@@ -281,12 +284,20 @@ def compare_greedy(
     return verdict
 
 
+def _choices(generation: Generation) -> torch.Tensor:
+    """What a greedy step picks the argmax of: the processed scores where the run kept them (users' logits
+    processors, e.g. a repetition penalty, move the choice off the raw logits), else the raw logits."""
+    chosen_from = generation.scores if generation.scores is not None else generation.logits
+    assert chosen_from is not None
+    return chosen_from
+
+
 def _unsupported_choices(generation: Generation, eos_ids: Sequence[int]) -> list[tuple[int, int, int, int, float]]:
     """(row, position, chosen, argmax, margin) wherever a greedy path chose a token that is not the argmax of its
-    own logits (EOS and the generation's other suppressed ids excluded: they are never picked). The floor rule assumes each side's tokens
+    own logits, or processed scores where kept (EOS and the generation's other suppressed ids excluded: they are never picked). The floor rule assumes each side's tokens
     follow its logits; a path that commits a token its logits reject breaks that without moving any logit."""
     assert generation.logits is not None
-    logits = generation.logits.float().clone()
+    logits = _choices(generation).float().clone()
     excluded = sorted(set(eos_ids) | set(generation.suppressed))
     if excluded:
         logits[..., excluded] = float("-inf")

@@ -138,7 +138,8 @@ class Runner:
             return self.generate(input_ids, attention_mask, new_tokens, do_sample, force=tokens, **replay_extra)
 
         suppressed = tuple(int(i) for i in kwargs.get("suppress_tokens") or ())
-        return Generation(input_ids.cpu(), out.sequences.cpu(), logits, mask, None if do_sample else replay, suppressed)
+        scores = torch.stack(out.scores, dim=1).float().cpu() if getattr(out, "scores", None) else None
+        return Generation(input_ids.cpu(), out.sequences.cpu(), logits, mask, None if do_sample else replay, suppressed, scores)
 
     def decode_loop(
         self,

@@ -275,6 +275,16 @@ def stop_string_never_matches(mp: pytest.MonkeyPatch) -> None:
     mp.setattr(StopStringCriteria, "__call__", never)
 
 
+def processors_see_the_draft_prefix_only(mp: pytest.MonkeyPatch) -> None:
+    """Assisted decoding hands the logits processors the ids before the draft block at every draft position
+    (the wrong slice of the candidate ids): a repetition penalty or an n-gram ban misses the block's tokens."""
+    from transformers.generation import utils
+
+    exact = "new_logits[:, i, :] = logits_processor(candidate_input_ids[:, : cur_len + i], new_logits[:, i, :])"
+    wrong = "new_logits[:, i, :] = logits_processor(candidate_input_ids[:, :cur_len], new_logits[:, i, :])"
+    _patch_source(mp, utils, utils.GenerationMixin, "_assisted_decoding", exact, wrong)
+
+
 def _patch_source(mp: pytest.MonkeyPatch, module: Any, owner: type, name: str, old: str, new: str) -> None:
     source = textwrap.dedent(inspect.getsource(getattr(owner, name)))
     if old not in source:

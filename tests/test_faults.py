@@ -156,6 +156,13 @@ FAULTS = {
         (),
         ("*min_new_tokens=* (token * as EOS, met at new tokens *): row * ended at new token *, before min_new_tokens*",),
     ),
+    "processors see the wrong slice of a draft": Fault(
+        faults.processors_see_the_draft_prefix_only,
+        "test_processors.py",
+        "test_drafts_under_processors_match_plain",
+        (),
+        ("*(self draft, prompt *, repetition_penalty 1.3, no_repeat_ngram_size 3*",),
+    ),
     "stop string missed": Fault(
         faults.stop_string_never_matches,
         "test_stopping.py",
