@@ -306,20 +306,31 @@ class Case:
         return verdict
 
     def check_distribution(
-        self, runner: Runner, text: str | Any, samples: int, new_tokens: int, what: str = "", temperature: float = 1.0, top_p: float = 1.0, **extra: Any
+        self,
+        runner: Runner,
+        text: str | Any,
+        samples: int,
+        new_tokens: int,
+        what: str = "",
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        repetition_penalty: float = 1.0,
+        **extra: Any,
     ) -> Any:
         """Fail unless sampled continuations of ``text`` (or token ids [1, T]) on ``runner`` (with ``extra``
-        generate arguments, e.g. an assistant, and the warpers ``temperature`` / ``top_p``) follow the plain
-        model's *processed* distribution (distribution.distribution_test)."""
+        generate arguments, e.g. an assistant, and the settings ``temperature``, ``top_p``, ``top_k``,
+        ``repetition_penalty``) follow the plain model's *processed* distribution (distribution.distribution_test)."""
         from .distribution import distribution_test
 
         plain = self.runner(self.param.reference)
         ids = plain.encode(text)[0] if isinstance(text, str) else text
-        drawn = runner.sample(ids, samples, new_tokens, self.seed, temperature=temperature, top_p=top_p, **extra)
+        settings = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "repetition_penalty": repetition_penalty}
+        drawn = runner.sample(ids, samples, new_tokens, self.seed, **settings, **extra)
         verdict = distribution_test(
             drawn.cpu(),
             ids[0].cpu(),
-            lambda full: plain.exact_probs(full, ids.shape[1], temperature=temperature, top_p=top_p),
+            lambda full: plain.exact_probs(full, ids.shape[1], **settings),
             seed=self.seed,
             label=f"{self.label}{' (' + what + ')' if what else ''}",
             reproduce=self.reproduce,

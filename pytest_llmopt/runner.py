@@ -208,18 +208,41 @@ class Runner:
         rows = [self.generate(input_ids, mask, new_tokens, do_sample=True, **extra).new_tokens for _ in range(samples)]
         return torch.cat(rows, dim=0)
 
-    def exact_probs(self, full_ids: torch.Tensor, prompt_len: int, chunk: int = 64, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
-        """The distribution each generated token was drawn from under plain sampling with ``temperature``
-        and ``top_p`` (EOS masked as generate_kwargs suppresses it), by teacher forcing: [n, L, V] float64.
-        The warpers are computed here, not by transformers' processors, so a fault in those shows too."""
+    def exact_probs(
+        self, full_ids: torch.Tensor, prompt_len: int, chunk: int = 64, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0
+    ) -> torch.Tensor:
+        """The distribution each generated token was drawn from under plain sampling with these settings
+        (EOS masked as generate_kwargs suppresses it), by teacher forcing: [n, L, V] float64. The processors
+        and warpers are computed here, in transformers' order (repetition penalty over every earlier token of
+        the row, temperature, top-k keeping ties, top-p), not by transformers' own code, so a fault there shows."""
         out = []
         eos = self.eos_ids
         for start in range(0, full_ids.shape[0], chunk):
             ids = full_ids[start : start + chunk].to(self.model.device)
             logits = self.forward_logits(ids, None)[:, prompt_len - 1 : -1].double()
+            if repetition_penalty != 1.0:
+                logits = penalized(logits, ids.cpu(), prompt_len, repetition_penalty)
             logits[..., eos] = float("-inf")
-            out.append(nucleus(torch.softmax(logits / temperature, dim=-1), top_p))
+            logits = logits / temperature
+            if top_k > 0:
+                kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            out.append(nucleus(torch.softmax(logits, dim=-1), top_p))
         return torch.cat(out, dim=0)
+
+
+def penalized(logits: torch.Tensor, ids: torch.Tensor, prompt_len: int, penalty: float) -> torch.Tensor:
+    """transformers' repetition penalty at each generated position (logits [n, L, V] predicting ids[:,
+    prompt_len:]): every token seen earlier in the row (prompt included) has its logit divided by the
+    penalty where positive, multiplied where negative."""
+    out = logits.clone()
+    seen = torch.zeros(logits.shape[0], logits.shape[-1], dtype=torch.bool)
+    seen.scatter_(1, ids[:, :prompt_len].long(), True)
+    for step in range(logits.shape[1]):
+        row = out[:, step]
+        out[:, step] = torch.where(seen, torch.where(row < 0, row * penalty, row / penalty), row)
+        seen.scatter_(1, ids[:, prompt_len + step : prompt_len + step + 1].long(), True)
+    return out
 
 
 def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:

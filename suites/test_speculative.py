@@ -20,7 +20,8 @@ from pytest_llmopt.compat import early_exit_unsupported, layers_restored
 from pytest_llmopt.instrumentation import track_drafts
 
 SAMPLES, SAMPLE_TOKENS = 50, 32  # 1,600 PIT values in 50 generate calls (each token of a continuation is its own value)
-WARPERS = {"tempered": {"temperature": 0.7, "top_p": 0.9}}  # users' sampling settings
+# users' sampling settings: warpers and a repetition penalty (the reference applies them with its own code)
+WARPERS = {"tempered": {"temperature": 0.7, "top_p": 0.9, "top_k": 40, "repetition_penalty": 1.2}}
 
 
 def _greedy_with(case, runner, what, both=None, **extra):
@@ -168,8 +169,8 @@ def test_speculative_sampling_keeps_the_distribution(llmopt_case, kind):
     """Sampling with a draft (accept with probability min(1, p/q), else resample from max(p - q, 0)) draws
     from the target's own *processed* distribution: checked with a Kolmogorov-Smirnov test on PIT values
     (alpha 1e-3), each token against its own position's distribution. The contrarian draft at temperature 1
-    (nearly every draft rejected: the residual), the tempered draft under warpers as users sample
-    (temperature 0.7, top-p 0.9), accepting some drafts and not others."""
+    (nearly every draft rejected: the residual), the tempered draft under settings as users sample
+    (temperature 0.7, top-p 0.9, top-k 40, repetition penalty 1.2), accepting some drafts and not others."""
     case = llmopt_case
     target = case.target
     draft = assistants.build(target.model, kind)
