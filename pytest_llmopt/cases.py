@@ -325,7 +325,7 @@ class Case:
 
         plain = self.runner(self.param.reference)
         ids = plain.encode(text)[0] if isinstance(text, str) else text
-        settings = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "repetition_penalty": repetition_penalty}
+        settings: dict[str, Any] = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "repetition_penalty": repetition_penalty}
         drawn = runner.sample(ids, samples, new_tokens, self.seed, **settings, **extra)
         verdict = distribution_test(
             drawn.cpu(),
