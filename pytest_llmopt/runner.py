@@ -54,6 +54,12 @@ class Runner:
             eos = self.tokenizer.eos_token_id
         return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
 
+    @property
+    def textless_ids(self) -> list[int]:
+        """Ids past the tokenizer (a random shape's embedding is padded beyond it): they have no text, so no
+        re-tokenization can carry them and no stop string can be made of them."""
+        return list(range(len(self.tokenizer), self.model.config.get_text_config().vocab_size))
+
     @contextlib.contextmanager
     def active(self) -> Iterator[Any]:
         """The model with this variant's attention in effect, under torch.no_grad (inference tensors could not be reset by the caller)."""

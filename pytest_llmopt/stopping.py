@@ -26,9 +26,11 @@ class StopPlan:
     @property
     def length(self) -> int | None:
         """New tokens of the stopped run: up to the last row's EOS; None when a row never stops (all of them)."""
-        if any(f is None for f in self.firsts):
-            return None
-        return max(f for f in self.firsts if f is not None) + 1
+        return _length(self.firsts)
+
+
+def _length(stops: tuple[int | None, ...]) -> int | None:
+    return None if any(s is None for s in stops) else max(s for s in stops if s is not None) + 1
 
 
 def first_index(row: list[int], token: int, start: int = 0) -> int | None:
@@ -39,15 +41,13 @@ def first_index(row: list[int], token: int, start: int = 0) -> int | None:
     return None
 
 
-def plan(tokens: torch.Tensor, exclude: set[int], allowed: set[int] | None = None) -> StopPlan | None:
+def plan(tokens: torch.Tensor, exclude: set[int]) -> StopPlan | None:
     """The token whose first occurrences split the rows of ``tokens`` [B, N] into the most distinct stop steps
     (a row that never meets it counts as one more), with at least two of them; ties go to the token that
     stops more rows early, then the lower id. None when no token does (batch 1: any token but the first)."""
     rows = [list(map(int, r)) for r in tokens.tolist()]
     best: tuple[tuple[int, int, int], StopPlan] | None = None
     for token in sorted({t for r in rows for t in r} - exclude):
-        if allowed is not None and token not in allowed:
-            continue
         firsts = tuple(first_index(r, token) for r in rows)
         distinct = len(set(firsts))
         if len(rows) > 1 and distinct < 2:
@@ -64,8 +64,7 @@ def plan(tokens: torch.Tensor, exclude: set[int], allowed: set[int] | None = Non
 def cut(tokens: torch.Tensor, stops: tuple[int | None, ...], pad: int) -> torch.Tensor:
     """``tokens`` [B, N] cut after each row's stop index and padded with ``pad`` to the longest row (all N when
     a row never stops)."""
-    length = tokens.shape[1] if any(s is None for s in stops) else max(s for s in stops if s is not None) + 1
-    out = tokens[:, :length].clone()
+    out = tokens[:, : _length(stops) or tokens.shape[1]].clone()
     for row, stop in enumerate(stops):
         if stop is not None:
             out[row, stop + 1 :] = pad

@@ -161,8 +161,7 @@ def test_universal_assisted_decoding(llmopt_case):
         draft, what = case.runner(spec=spec), f"assistant {spec.name} (other tokenizer)"
     # Ids past the tokenizer (a model whose embedding is padded beyond it, e.g. the random shapes) have no
     # text, so no re-tokenization can carry them: neither path may pick them.
-    size, known = target.model.config.get_text_config().vocab_size, len(target.tokenizer)
-    both = {"suppress_tokens": target.eos_ids + list(range(known, size))} if size > known else {}
+    both = {"suppress_tokens": target.eos_ids + target.textless_ids} if target.textless_ids else {}
     if both and isinstance(draft, SimpleNamespace):
         draft.model.generation_config.suppress_tokens = both["suppress_tokens"]
     _accepted_some(_greedy_with(case, target, what, both=both, **_assistant_kwargs(target, draft)), what)
