@@ -54,19 +54,20 @@ def _batch(case):
     return case.target.encode([p.text for p in case.prompts])
 
 
-def _stop_plan(case, free) -> stopping.StopPlan:
+def _free_batch(case):
+    """The padded batch, its run with nothing able to stop it, and the EOS chosen from that run."""
+    ids, mask = _batch(case)
+    with case.explain("padded batch, nothing able to stop it"):
+        free = case.target.generate(ids, mask, case.new_tokens)
     found = stopping.plan(free.new_tokens, _never(case.target, free))
     if found is None:
         outcomes.not_run("no generated token first occurs at different steps in different rows, so no EOS can end them at different steps")
-    return found
+    return ids, mask, free, found
 
 
 def _rows_stop(case) -> None:
     target = case.target
-    ids, mask = _batch(case)
-    with case.explain("padded batch, nothing able to stop it"):
-        free = target.generate(ids, mask, case.new_tokens)
-    found = _stop_plan(case, free)
+    ids, mask, free, found = _free_batch(case)
     with case.explain(f"padded batch, token {found.token} as EOS"):
         stopped = target.generate(ids, mask, case.new_tokens, **_as_eos(target, found.token))
     problem = stopping.difference(stopping.cut(free.new_tokens, found.firsts, _pad(target)), stopped.new_tokens, found.firsts)
@@ -148,10 +149,7 @@ def test_min_new_tokens_holds_the_eos_back(llmopt_case):
     comes later end exactly where they did without it; the held-back row goes on past its EOS."""
     case = llmopt_case
     target = case.target
-    ids, mask = _batch(case)
-    with case.explain("padded batch, nothing able to stop it"):
-        free = target.generate(ids, mask, case.new_tokens)
-    found = _stop_plan(case, free)
+    ids, mask, free, found = _free_batch(case)
     least = min(s for s in found.firsts if s is not None)
     floor = least + 1
     with case.explain(f"padded batch, token {found.token} as EOS, min_new_tokens={floor}"):
