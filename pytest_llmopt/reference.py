@@ -141,11 +141,23 @@ def _copy(model: Any, dtype: torch.dtype, device: torch.device) -> Any:
     # Its own config: attention is switched on the run copy's config object, which must not reach this one.
     with _no_init(), torch.device(device):
         copy = compat.from_config(deepcopy(model.config), dtype, "eager")
-    copy.load_state_dict(model.state_dict(), strict=True)
+    copy.load_state_dict(_weights(model), strict=True)
     if hasattr(copy, "tie_weights"):
         copy.tie_weights()
     compat.set_attention(copy, "eager")
     return copy.eval()
+
+
+def _weights(model: Any) -> dict[str, torch.Tensor]:
+    """The model's state dict without the buffers of a kv-cache held as a submodule: in 4.x a ``Cache`` is an
+    ``nn.Module`` and generate() keeps its static cache on the model (``model._cache``), so after a static-cache
+    generate the state dict carries that cache's tensors, which the copy (and the architecture) does not have."""
+    try:
+        from transformers.cache_utils import Cache
+    except ImportError:  # pragma: no cover - every supported release has it
+        return model.state_dict()
+    caches = [name + "." for name, module in model.named_modules() if name and isinstance(module, Cache)]
+    return {key: value for key, value in model.state_dict().items() if not any(key.startswith(c) for c in caches)}
 
 
 @contextlib.contextmanager
