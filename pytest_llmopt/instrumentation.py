@@ -5,6 +5,7 @@ that never ran."""
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,37 @@ def count_compiled_calls(model: Any) -> Iterator[dict[str, int]]:
 
     with _instance_override(model, "get_compiled_call", wrapped):
         yield counter
+
+
+def dynamo_backend(device_type: str) -> str:
+    """The backend of the compiled-forward checks: inductor on CUDA, as users run it; dynamo's eager backend on
+    CPU, where inductor's compile of each graph costs seconds (its code is checked by the auto-compile and
+    decode-loop checks) and what is judged is dynamo's part: what it guards on, when it recompiles or gives up."""
+    return "inductor" if device_type == "cuda" else "eager"
+
+
+@contextlib.contextmanager
+def compiled_forward(model: Any, backend: str) -> Iterator[dict[str, int]]:
+    """The model's forward compiled as users do it (``model.forward = torch.compile(model.forward)``),
+    counting its calls; the instance attribute is removed afterwards (the compiled function is kept and reused)."""
+    cached = model.__dict__.setdefault("_llmopt_compiled_forward", {})
+    if backend not in cached:
+        cached[backend] = torch.compile(type(model).forward.__get__(model), backend=backend)
+    compiled = cached[backend]
+    counter = {"calls": 0}
+
+    # generate() reads forward's signature to decide which inputs to build (position_ids among them: without
+    # them a left-padded row of a model with learned positions is shifted), so the counter keeps it.
+    @functools.wraps(compiled)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        counter["calls"] += 1
+        return compiled(*args, **kwargs)
+
+    model.forward = forward
+    try:
+        yield counter
+    finally:
+        del model.forward
 
 
 @dataclass

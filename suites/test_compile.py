@@ -13,13 +13,11 @@ silent fall back to eager shows as a failure.
 from __future__ import annotations
 
 import contextlib
-import functools
-from collections.abc import Iterator
 
 import pytest
 
 from pytest_llmopt import compat
-from pytest_llmopt.instrumentation import count_compiled_calls
+from pytest_llmopt.instrumentation import compiled_forward, count_compiled_calls, dynamo_backend
 from pytest_llmopt.measure import cache_layout, watch_compiles
 
 TO_EAGER = {"cache": "dynamic", "compile": "off"}
@@ -107,8 +105,8 @@ def test_request_mix_compiles_a_bounded_number_of_graphs(llmopt_case):
     mix = _request_mix(case)
     ceiling = max(ids.shape[1] + n for ids, _, n in mix)
     extra: dict = {"max_cache_len": ceiling} if compat_max_cache_len() else {}
-    if _backend(case) != "inductor":
-        extra["compile_config"] = compat.compile_config(all_devices=True, backend=_backend(case), mode=None)
+    if dynamo_backend(case.device_type) != "inductor":
+        extra["compile_config"] = compat.compile_config(all_devices=True, backend=dynamo_backend(case.device_type), mode=None)
     # Largest request first: releases without max_cache_len size the cache to the largest call so far.
     mix.sort(key=lambda r: -(r[0].shape[1] + r[2]))
     with watch_compiles() as first:
@@ -148,19 +146,22 @@ def test_compiled_forward_with_dynamic_cache(llmopt_case):
     reference, target = case.reference, case.target
     ids, mask = reference.encode([p.text for p in case.prompts])
     short = max(2, case.new_tokens // 3)
-    with _compiled_forward(target.model, _backend(case)) as calls, watch_compiles() as first:
+    with compiled_forward(target.model, dynamo_backend(case.device_type)) as calls, watch_compiles() as first:
         target.generate(ids, mask, short)
-    with _compiled_forward(target.model, _backend(case)) as calls, watch_compiles() as longer:
+    with compiled_forward(target.model, dynamo_backend(case.device_type)) as calls, watch_compiles() as longer:
         generated = target.generate(ids, mask, 3 * short)
     case.record(compiles_short=first.graphs, recompiles_longer=longer.graphs, compiled_forward_calls=calls["calls"])
     hits = first.limit_hits + longer.limit_hits
-    assert not hits, f"{case.label}: the compiled forward hit dynamo's recompile limit, so it fell back to eager: {'; '.join(hits)}"
+    if hits:
+        pytest.fail(f"{case.label}: the compiled forward hit dynamo's recompile limit, so it fell back to eager: {'; '.join(hits)}", pytrace=False)
     assert calls["calls"] == 3 * short, f"{case.label}: {calls['calls']} compiled forward calls for {3 * short} new tokens"
     allowed = _window_graphs(target.model, ids.shape[1] + 3 * short)
-    assert longer.graphs <= allowed, (
-        f"{case.label}: {longer.graphs} more graph(s) compiled for {3 * short} new tokens after a warm-up of {short} "
-        f"({first.graphs} graphs): the graph count grows with the number of new tokens.\n  dynamo's reasons: {_reasons(longer.reasons)}"
-    )
+    if longer.graphs > allowed:
+        pytest.fail(
+            f"{case.label}: {longer.graphs} more graph(s) compiled for {3 * short} new tokens after a warm-up of {short} "
+            f"({first.graphs} graphs): the graph count grows with the number of new tokens.\n  dynamo's reasons: {_reasons(longer.reasons)}",
+            pytrace=False,
+        )
     case.check_greedy(reference.generate(ids, mask, 3 * short), generated, what="compiled forward, dynamic cache")
 
 
@@ -188,44 +189,11 @@ def _window_graphs(model, length: int) -> int:
     return 1 if layout.sliding_layers and length > (layout.window or 0) else 0
 
 
-def _backend(case) -> str:
-    """The graph-count checks are about dynamo (what it guards on, when it recompiles or gives up); on CPU
-    they trace with dynamo's eager backend, because inductor's CPU compile of each graph costs seconds and
-    its code is checked by the other tests of this suite. On CUDA: inductor, as users run it."""
-    return "inductor" if case.target.machine.device_type == "cuda" else "eager"
-
-
 def compat_max_cache_len() -> bool:
     """generate(max_cache_len=...) exists from transformers 5.2x; before, the cache keeps the largest size seen."""
     from transformers import GenerationConfig
 
     return hasattr(GenerationConfig(), "max_cache_len")
-
-
-@contextlib.contextmanager
-def _compiled_forward(model, backend: str) -> Iterator[dict]:
-    """The model's forward compiled as users do it (``model.forward = torch.compile(model.forward)``),
-    counting its calls; the instance attribute is removed afterwards (the compiled function is reused)."""
-    import torch
-
-    cached = model.__dict__.setdefault("_llmopt_compiled_forward", {})
-    if backend not in cached:
-        cached[backend] = torch.compile(type(model).forward.__get__(model), backend=backend)
-    compiled = cached[backend]
-    counter = {"calls": 0}
-
-    # generate() reads forward's signature to decide which inputs to build (position_ids among them: without
-    # them a left-padded row of a model with learned positions is shifted), so the counter keeps it.
-    @functools.wraps(compiled)
-    def forward(*args, **kwargs):
-        counter["calls"] += 1
-        return compiled(*args, **kwargs)
-
-    model.forward = forward
-    try:
-        yield counter
-    finally:
-        del model.forward
 
 
 def _reasons(reasons: list[str] | None) -> str:
