@@ -85,7 +85,8 @@ def params_for(session: LlmoptSession, marker: pytest.Mark) -> list[Any]:
             issues = known_issues.known_issues(marker.kwargs.get("known_issues", ()), variant.cache, variant.attention, machine.device_type, info.config)
             if issues and not skip:  # one xfail, limited to the exceptions these bugs raise
                 reason = "; ".join(issue.reason for issue in issues)
-                marks.append(outcomes.known_issue(reason, tuple(known_issues.exception_class(issue.raises) for issue in issues)))
+                raises = tuple(known_issues.exception_class(issue.raises) for issue in issues)
+                marks.append(outcomes.known_issue(reason, raises, run=all(issue.run for issue in issues)))
             out.append(pytest.param(param, id=param.id, marks=marks))
     return out
 
