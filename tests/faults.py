@@ -285,6 +285,39 @@ def processors_see_the_draft_prefix_only(mp: pytest.MonkeyPatch) -> None:
     _patch_source(mp, utils, utils.GenerationMixin, "_assisted_decoding", exact, wrong)
 
 
+def static_cache_not_reordered(mp: pytest.MonkeyPatch) -> None:
+    """Beam search reorders a StaticCache's layers as a no-op: after the first reorder a beam attends another
+    beam's keys and values (a static cache not reordered between beams)."""
+    from transformers import cache_utils
+
+    if not hasattr(cache_utils, "StaticLayer"):
+        raise LookupError("this transformers has no cache_utils.StaticLayer to patch")
+    mp.setattr(cache_utils.StaticLayer, "reorder_cache", lambda self, beam_idx: None)
+
+
+def token_credited_to_the_wrong_beam(mp: pytest.MonkeyPatch) -> None:
+    """Beam search extends each kept candidate from the next beam instead of its own (an off-by-one in the
+    beam-index arithmetic): the cache follows the sequences, so every logit is right, but the kept beams are
+    not the best candidates."""
+    from transformers.generation import utils
+
+    exact = "topk_current_beam_indices = topk_indices // vocab_size"
+    wrong = "topk_current_beam_indices = (topk_indices // vocab_size + 1) % num_beams"
+    _patch_source(mp, utils, utils.GenerationMixin, "_get_top_k_continuations", exact, wrong)
+
+
+def sliding_window_rolls_the_wrong_way(mp: pytest.MonkeyPatch) -> None:
+    """A full static sliding-window layer rolls its keys and values the wrong way before writing the new token:
+    it keeps the oldest position and drops the one before the newest. Nothing changes until a row has
+    generated past the window."""
+    from transformers import cache_utils
+
+    if not hasattr(cache_utils, "StaticSlidingWindowLayer"):
+        raise LookupError("this transformers has no cache_utils.StaticSlidingWindowLayer to patch")
+    owner = cache_utils.StaticSlidingWindowLayer
+    _patch_source(mp, cache_utils, owner, "update", "roll(-1, dims=-2)", "roll(1, dims=-2)")
+
+
 def _patch_source(mp: pytest.MonkeyPatch, module: Any, owner: type, name: str, old: str, new: str) -> None:
     source = textwrap.dedent(inspect.getsource(getattr(owner, name)))
     if old not in source:

@@ -170,6 +170,32 @@ FAULTS = {
         (),
         ("*stop_strings=[[]*[]] (completed at new tokens *): row * kept generating after its stop at new token *",),
     ),
+    "StaticCache not reordered between beams": Fault(
+        faults.static_cache_not_reordered,
+        "test_beams.py",
+        "test_beams_match_dynamic_cache and static and not object",
+        (),
+        (
+            "*static/sdpa/fp32@tiny-llama vs dynamic/sdpa/fp32 (padded batch, num_beams=3, num_return_sequences=2): the running beams' logits left the rounding-noise floor of the dynamic cache's beams*",
+            "*worst: new token *, prompt *, beam *: max |Δlogit| *",
+        ),
+    ),
+    "a token credited to the wrong beam": Fault(
+        faults.token_credited_to_the_wrong_beam,
+        "test_beams.py",
+        "test_beams_match_dynamic_cache and static and not object",
+        (),
+        ("*(padded batch, num_beams=3, num_return_sequences=2): beam selection (dynamic cache): step 2, prompt 0: a candidate scoring * was dropped while one scoring * was kept*",),
+    ),
+    "a full sliding window rolled the wrong way": Fault(
+        faults.sliding_window_rolls_the_wrong_way,
+        "test_combined.py",
+        "test_padded_batch_past_the_window and static/eager and not object",
+        ("--llmopt-model=tiny-gemma2",),
+        (
+            "*static/eager/fp32@tiny-gemma2 vs dynamic/eager/fp32 (padded batch, * new tokens, every row past the sliding window of 48): logits left the rounding-noise floor*",
+        ),
+    ),
 }
 
 
