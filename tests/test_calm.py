@@ -17,6 +17,10 @@ def _run_suites(pytester: pytest.Pytester, models: list[str], seed: int) -> None
     report = pytester.path / "calm.json"
     # The speed suite has no verdict on a CPU (it records figures; speed claims live in GPU baselines).
     args = [str(SUITES), "-p", "no:cacheprovider", "-n", "2", f"--ignore={SUITES / 'test_performance.py'}", f"--llmopt-seed={seed}", f"--llmopt-report={report}"]
+    if seed == 0:
+        # CI's time: flex_attention on this CPU is torch 2.13's declared known issue (each case compiles for tens of
+        # seconds, then xfails); at seed 0 the main job runs it on both default models. Other seeds run it here.
+        args.append("--llmopt-variants=attention!=flex_attention")
     result = pytester.runpytest_subprocess(*args, *[f"--llmopt-model={m}" for m in models], timeout=1800)
     results, _ = load(report)
     failed = [f"{r.key}: {r.reason}" for r in results if r.status == "failed"]
@@ -31,9 +35,13 @@ def _run_suites(pytester: pytest.Pytester, models: list[str], seed: int) -> None
 SEEDS = [int(s) for s in os.environ.get("LLMOPT_CALM_SEEDS", "0").split(",")]
 
 
+# The main job (README, .ci/run) is the calm run of these two at the default seed: not run twice.
+MAIN_JOB = ("tiny-llama", "tiny-gemma2")
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 def test_green_on_every_builtin_architecture(pytester: pytest.Pytester, clean_env: pytest.MonkeyPatch, seed: int) -> None:
-    _run_suites(pytester, list(zoo.TINY), seed)
+    _run_suites(pytester, [m for m in zoo.TINY if seed != 0 or m not in MAIN_JOB], seed)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
