@@ -8,7 +8,7 @@ forward of that beam's tokens, within the noise floor of the dynamic cache's bea
 every selection against the path's own scores. Whether the returned sequences equal the dynamic cache's is
 recorded (``parted_at``; None when equal).
 
-Compile: generate()'s auto-compile does not reach beam search's decode steps in 5.x (only greedy, sampling
+Compile: generate()'s auto-compile does not reach beam search's decode steps (5.24: only greedy, sampling
 and assisted decoding), so compiled beams are what users write, ``model.forward = torch.compile(model.forward)``,
 with the dynamic and the static cache (inductor on CUDA, dynamo's eager backend on CPU).
 """
