@@ -11,7 +11,9 @@ nothing able to stop it, so a near-tie between two paths cannot raise a false al
   whole blocks) ends the output there, and prompt lookup stops the same way;
 * ``min_new_tokens``: no row ends earlier, rows whose EOS comes later end where they did;
 * ``stop_strings``: each row ends on the token that completes the string;
-* exactly ``max_new_tokens`` new tokens, never one more, for short lengths too, on every path.
+* exactly ``max_new_tokens`` new tokens, never one more, for short lengths too, on every path;
+* in sampling mode, an EOS inside a speculative-sampling or prompt-lookup block and the padded batch's rows
+  (each stopped run has the seed of its unstopped twin, so their random draws are the same up to the EOS).
 """
 
 from __future__ import annotations
@@ -105,32 +107,66 @@ def test_eos_inside_a_draft_block_ends_the_output(llmopt_case):
     """Assisted decoding with the target as its own draft (whole blocks accepted) and prompt lookup: an EOS
     met inside a block ends the output there; nothing accepted after it is kept. Batch 1, every prompt;
     the EOS is the first new token that sits inside a draft block (neither its first token nor its bonus)."""
+    _eos_inside_blocks(llmopt_case, sample=False)
+
+
+@pytest.mark.llmopt(reference={})
+def test_sampling_stops_at_the_eos(llmopt_case):
+    """The same in sampling mode (temperature 1): speculative sampling with the target as its own draft (every
+    draft accepted: min(1, p/q) = 1) and prompt lookup, batch 1, and plain sampling on the padded batch, whose
+    rows end at their own EOS and are padded. Each stopped run has the seed of its unstopped twin, so the random
+    draws, and the tokens, are the same up to the EOS."""
     case = llmopt_case
+    _eos_inside_blocks(case, sample=True)
     target = case.target
+    ids, mask = _batch(case)
+    with case.explain("sampling, padded batch, nothing able to stop it"):
+        free = _run(case, ids, mask, True)
+    found = stopping.plan(free.new_tokens, _never(target, free))
+    if found is None:
+        outcomes.not_run("no sampled token first occurs at different steps in different rows")
+    with case.explain(f"sampling, padded batch, token {found.token} as EOS"):
+        stopped = _run(case, ids, mask, True, **_as_eos(target, found.token))
+    problem = stopping.difference(stopping.cut(free.new_tokens, found.firsts, _pad(target)), stopped.new_tokens, found.firsts)
+    case.record(sampled_stop_token=found.token, sampled_stop_steps=stopping.describe(found.firsts))
+    _require(problem is None, f"{case.label}: sampling, stopping at EOS (token {found.token} as EOS, met at new tokens {stopping.describe(found.firsts)}): {problem}")
+
+
+def _run(case, ids, mask, sample: bool, **extra):
+    """generate() on the case's path; sampling after seeding torch's generator with the session's seed, so that a
+    run and its twin draw the same numbers."""
+    if sample:
+        torch.manual_seed(case.seed)
+    return case.target.generate(ids, mask, case.new_tokens, do_sample=sample, **extra)
+
+
+def _eos_inside_blocks(case, sample: bool) -> None:
+    target = case.target
+    mode = "sampling, " if sample else ""
     paths = [("self draft", lambda: {"assistant_model": assistants.build(target.model, "self")}), ("prompt lookup", lambda: dict(LOOKUP))]
     inside = 0
     for name, extra in paths:
         with track_drafts() as drafts:
             for prompt in case.prompts:
                 ids, mask = target.encode(prompt.text)
-                with case.explain(f"{name}, prompt {prompt.name!r}, nothing able to stop it"):
-                    free = target.generate(ids, mask, case.new_tokens, **extra())
+                with case.explain(f"{mode}{name}, prompt {prompt.name!r}, nothing able to stop it"):
+                    free = _run(case, ids, mask, sample, **extra())
                 row = free.new_tokens[0].tolist()
                 step, token = _first_inside_a_block(row, _never(target, free))
                 if token is None:
                     continue
                 inside += step % BLOCK not in (0, BLOCK - 1)
-                with case.explain(f"{name}, prompt {prompt.name!r}, token {token} as EOS"):
-                    stopped = target.generate(ids, mask, case.new_tokens, **extra(), **_as_eos(target, token))
+                with case.explain(f"{mode}{name}, prompt {prompt.name!r}, token {token} as EOS"):
+                    stopped = _run(case, ids, mask, sample, **extra(), **_as_eos(target, token))
                 problem = stopping.difference(stopping.cut(free.new_tokens, (step,), _pad(target)), stopped.new_tokens, (step,))
                 _require(
                     problem is None,
-                    f"{case.label}: stopping at an EOS inside a draft block ({name}, prompt {prompt.name!r}, token {token} "
+                    f"{case.label}: {mode}stopping at an EOS inside a draft block ({name}, prompt {prompt.name!r}, token {token} "
                     f"as EOS, first met at new token {step}): {problem}",
                 )
         if name == "self draft" and drafts.accepted == 0:
             outcomes.not_exercised(f"the self draft had 0 of {drafts.proposed} draft tokens accepted: no EOS could sit inside an accepted block")
-    case.record(eos_inside_a_block=inside)
+    case.record(**{("sampled_" if sample else "") + "eos_inside_a_block": inside})
     if inside == 0:
         outcomes.not_exercised("no prompt's continuation has a token first met inside a draft block")
 

@@ -196,6 +196,20 @@ FAULTS = {
             "*static/eager/fp32@tiny-gemma2 vs dynamic/eager/fp32 (padded batch, * new tokens, every row past the sliding window of 48): logits left the rounding-noise floor*",
         ),
     ),
+    "sampling: EOS inside a draft block kept going": Fault(
+        faults.eos_inside_draft_kept,
+        "test_stopping.py",
+        "test_sampling_stops_at_the_eos",
+        (),
+        ("*dynamic/sdpa/fp32@tiny-llama vs dynamic/sdpa/fp32: sampling, stopping at an EOS inside a draft block (self draft, prompt *, token * as EOS, first met at new token *): * new tokens generated where the rows stop after *",),
+    ),
+    "sampling: finished rows not padded": Fault(
+        faults.finished_rows_not_padded,
+        "test_stopping.py",
+        "test_sampling_stops_at_the_eos",
+        (),
+        ("*dynamic/sdpa/fp32@tiny-llama vs dynamic/sdpa/fp32: sampling, stopping at EOS (token * as EOS, met at new tokens *): row * kept generating after its EOS at new token *, padding (0) expected",),
+    ),
 }
 
 
