@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .equivalence import ErrorStats, error_stats, judge
+from .equivalence import FloorVerdict, error_stats, judge
 
 SLACK = 1e-4  # relative: float32 accumulation in generate() against float64 here
 
@@ -147,30 +147,20 @@ def _key(prompt: int, seq: torch.Tensor) -> tuple[int, ...]:
     return (prompt, *seq.tolist())
 
 
-@dataclass
-class TraceVerdict:
-    ok: bool
-    plain: ErrorStats
-    candidate: ErrorStats
-    ratios: dict[str, float]
-    worst: str  # where the candidate's beams are furthest from the reference
-
-
-def judge_trace(plain: BeamRun, candidate: BeamRun, precise: Any, factor: float) -> TraceVerdict:
+def judge_trace(plain: BeamRun, candidate: BeamRun, precise: Any, factor: float) -> FloorVerdict:
     """Each side's beams against the cache-free reference of their own tokens; the candidate's error within
-    ``factor`` times the plain path's (equivalence.judge)."""
+    ``factor`` times the plain path's (equivalence.judge). ``stats["worst"]`` says where the candidate's beams
+    are furthest from the reference."""
     plain_stats = error_stats(plain.logits, reference_logits(plain, precise))
     cand_reference = reference_logits(candidate, precise)
     cand_stats = error_stats(candidate.logits, cand_reference)
     ok, ratios = judge(cand_stats, plain_stats, factor)
-    worst = ""
+    verdict = FloorVerdict(ok, plain_stats, cand_stats, ratios, factor, precise.name)
     if cand_stats.per_position is not None and cand_stats.positions:
-        flat = int(cand_stats.per_position.argmax())
-        steps = candidate.logits.shape[1]
-        row, step = divmod(flat, steps)
+        row, step = divmod(int(cand_stats.per_position.argmax()), candidate.logits.shape[1])
         delta = float((candidate.logits[row, step] - cand_reference[row, step].float()).abs().max())
-        worst = f"new token {step + 1}, prompt {row // candidate.beams}, beam {row % candidate.beams}: max |Δlogit| {delta:.4g}"
-    return TraceVerdict(ok, plain_stats, cand_stats, ratios, worst)
+        verdict.stats["worst"] = f"new token {step + 1}, prompt {row // candidate.beams}, beam {row % candidate.beams}: max |Δlogit| {delta:.4g}"
+    return verdict
 
 
 def parted(plain: BeamRun, candidate: BeamRun) -> int | None:

@@ -198,7 +198,8 @@ def _text(tokenizer: Any, ids: torch.Tensor, limit: int = 120) -> str:
     return repr(text if len(text) <= limit else text[: limit - 3] + "...")
 
 
-def _ratios_text(verdict: FloorVerdict) -> str:
+def ratios_text(verdict: FloorVerdict) -> str:
+    """Each judged statistic against its floor, and what was allowed, for a failure message."""
     parts = []
     for key in FLOOR_STATISTICS:
         cand, plain = getattr(verdict.candidate, key), getattr(verdict.plain, key)
@@ -323,7 +324,7 @@ def _greedy_message(
     err = (cand_logits.float() - precise.float()).abs().amax(-1).masked_fill(~valid, -1.0)
     plain_err = (reference.logits.float() - precise.float()).abs().amax(-1)
     row, pos = divmod(int(err.argmax()), err.shape[1])
-    lines = [f"{label}: logits left the rounding-noise floor of the plain path", f"  {_ratios_text(verdict)}"]
+    lines = [f"{label}: logits left the rounding-noise floor of the plain path", f"  {ratios_text(verdict)}"]
     prompt = reference.prompt_ids[row]
     if reference.attention_mask is not None:
         prompt = prompt[reference.attention_mask[row].bool()]
@@ -369,7 +370,7 @@ def compare_logits(
         row, pos = divmod(int(err.argmax()), err.shape[1])
         plain_err = float((reference[row, pos].float() - precise[row, pos].float()).abs().max())
         verdict.message = (
-            f"{label}: logits left the rounding-noise floor of the plain path\n  {_ratios_text(verdict)}\n"
+            f"{label}: logits left the rounding-noise floor of the plain path\n  {ratios_text(verdict)}\n"
             f"  worst real (unpadded) position: row {row}, position {pos}: |Δlogit| {float(err[row, pos]):.4g} against the "
             f"reference, the plain path's {plain_err:.4g}"
         )

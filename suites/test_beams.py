@@ -18,7 +18,7 @@ from __future__ import annotations
 import pytest
 
 from pytest_llmopt import beams, compat, outcomes
-from pytest_llmopt.equivalence import FLOOR_FACTOR
+from pytest_llmopt.equivalence import FLOOR_FACTOR, ratios_text
 from pytest_llmopt.instrumentation import compiled_forward, dynamo_backend
 from pytest_llmopt.measure import watch_compiles
 
@@ -53,14 +53,11 @@ def _judge(case, plain: beams.BeamRun, got: beams.BeamRun, what: str) -> None:
     parted = beams.parted(plain, got)
     case.record(parted_at=parted, beam_floor_ratio=max(verdict.ratios.values(), default=0.0), beam_positions=verdict.candidate.positions)
     if not verdict.ok:
-        stats = "; ".join(
-            f"{key} {getattr(verdict.candidate, key):.4g} vs floor {getattr(verdict.plain, key):.4g} (x{verdict.ratios[key]:.2f})" for key in verdict.ratios
-        )
         parting = "the returned sequences equal the dynamic cache's" if parted is None else f"its beams part from the dynamic cache's at new token {parted}"
         _fail(
             f"{label}: the running beams' logits left the rounding-noise floor of the dynamic cache's beams "
-            f"(each against a cache-free forward of its own tokens, {precise.name}): {stats}; allowed x{FLOOR_FACTOR[case.dtype]:g}\n"
-            f"  worst: {verdict.worst}; {parting} (e.g. a cache not reordered between beams)\n  reproduce: {case.reproduce}"
+            f"(each against a cache-free forward of its own tokens): {ratios_text(verdict)}\n"
+            f"  worst: {verdict.stats.get('worst')}; {parting} (e.g. a cache not reordered between beams)\n  reproduce: {case.reproduce}"
         )
 
 
