@@ -56,25 +56,33 @@ def _batch(case):
     return case.target.encode([p.text for p in case.prompts])
 
 
-def _free_batch(case):
-    """The padded batch, its run with nothing able to stop it, and the EOS chosen from that run."""
+def _free_batch(case, sample: bool = False):
+    """The padded batch, its run with nothing able to stop it (seeded when sampling), and the EOS chosen from it."""
     ids, mask = _batch(case)
-    with case.explain("padded batch, nothing able to stop it"):
-        free = case.target.generate(ids, mask, case.new_tokens)
+    with case.explain(f"{_mode(sample)}padded batch, nothing able to stop it"):
+        free = _run(case, ids, mask, sample)
     found = stopping.plan(free.new_tokens, _never(case.target, free))
     if found is None:
         outcomes.not_run("no generated token first occurs at different steps in different rows, so no EOS can end them at different steps")
     return ids, mask, free, found
 
 
-def _rows_stop(case) -> None:
+def _rows_stop(case, sample: bool = False) -> None:
+    """Rows end at their own EOS and are padded, against the unstopped run (its seeded twin when sampling: plain
+    sampling's draws do not depend on the EOS)."""
     target = case.target
-    ids, mask, free, found = _free_batch(case)
-    with case.explain(f"padded batch, token {found.token} as EOS"):
-        stopped = target.generate(ids, mask, case.new_tokens, **_as_eos(target, found.token))
+    mode = _mode(sample)
+    ids, mask, free, found = _free_batch(case, sample)
+    with case.explain(f"{mode}padded batch, token {found.token} as EOS"):
+        stopped = _run(case, ids, mask, sample, **_as_eos(target, found.token))
     problem = stopping.difference(stopping.cut(free.new_tokens, found.firsts, _pad(target)), stopped.new_tokens, found.firsts)
-    case.record(stop_token=found.token, stop_steps=stopping.describe(found.firsts))
-    _require(problem is None, f"{case.label}: stopping at EOS (token {found.token} as EOS, met at new tokens {stopping.describe(found.firsts)}): {problem}")
+    prefix = "sampled_" if sample else ""
+    case.record(**{f"{prefix}stop_token": found.token, f"{prefix}stop_steps": stopping.describe(found.firsts)})
+    _require(problem is None, f"{case.label}: {mode}stopping at EOS (token {found.token} as EOS, met at new tokens {stopping.describe(found.firsts)}): {problem}")
+
+
+def _mode(sample: bool) -> str:
+    return "sampling, " if sample else ""
 
 
 def _exact_lengths(case, name: str, ids, mask, lengths, **extra) -> None:
@@ -117,20 +125,8 @@ def test_sampling_stops_at_the_eos(llmopt_case):
     seeded unstopped twin met inside a block; the EOS shortens drafts, so the draws before it may differ); plain
     sampling on the padded batch, whose draws do not depend on the EOS, ends each row where its seeded twin met
     the EOS and pads it after."""
-    case = llmopt_case
-    _eos_inside_blocks(case, sample=True)
-    target = case.target
-    ids, mask = _batch(case)
-    with case.explain("sampling, padded batch, nothing able to stop it"):
-        free = _run(case, ids, mask, True)
-    found = stopping.plan(free.new_tokens, _never(target, free))
-    if found is None:
-        outcomes.not_run("no sampled token first occurs at different steps in different rows")
-    with case.explain(f"sampling, padded batch, token {found.token} as EOS"):
-        stopped = _run(case, ids, mask, True, **_as_eos(target, found.token))
-    problem = stopping.difference(stopping.cut(free.new_tokens, found.firsts, _pad(target)), stopped.new_tokens, found.firsts)
-    case.record(sampled_stop_token=found.token, sampled_stop_steps=stopping.describe(found.firsts))
-    _require(problem is None, f"{case.label}: sampling, stopping at EOS (token {found.token} as EOS, met at new tokens {stopping.describe(found.firsts)}): {problem}")
+    _eos_inside_blocks(llmopt_case, sample=True)
+    _rows_stop(llmopt_case, sample=True)
 
 
 def _run(case, ids, mask, sample: bool, **extra):
@@ -143,7 +139,7 @@ def _run(case, ids, mask, sample: bool, **extra):
 
 def _eos_inside_blocks(case, sample: bool) -> None:
     target = case.target
-    mode = "sampling, " if sample else ""
+    mode = _mode(sample)
     paths = [("self draft", lambda: {"assistant_model": assistants.build(target.model, "self")}), ("prompt lookup", lambda: dict(LOOKUP))]
     inside = 0
     for name, extra in paths:
