@@ -70,7 +70,7 @@ def params_for(session: LlmoptSession, marker: pytest.Mark) -> list[Any]:
     for spec in session.models:
         info = models.describe(spec, session.settings.trust_remote_code)
         for variant in found:
-            if "attention" not in marker.kwargs and not info.capabilities.get("sdpa", True):
+            if "attention" not in marker.kwargs and info.default_attention == "eager":
                 variant = replace(variant, attention="eager")  # the model's own default, as from_pretrained picks it
             reference = replace(variant, **overrides)
             if reference.attention.startswith("sdpa") and not info.capabilities.get("sdpa", True):
@@ -214,7 +214,7 @@ class Case:
         if spec is not None and spec != self.spec and variant.attention == "sdpa":
             from . import models
 
-            if not models.describe(spec, self.session.settings.trust_remote_code).capabilities.get("sdpa", True):
+            if models.describe(spec, self.session.settings.trust_remote_code).default_attention == "eager":
                 variant = replace(variant, attention="eager")  # another model (a draft): its own default attention
         runner = Runner(self.session.store, spec or self.spec, variant, self.session.machine)
         failure = None

@@ -46,13 +46,26 @@ def _text_config(config: Any) -> Any:
 
 def _sdpa_drops_softcap() -> bool:
     """transformers' SDPA attention takes ``softcap`` in its kwargs and never applies it (4.48+ attention
-    interface; seen in 4.52); Gemma2 declared ``_supports_sdpa`` all the same until 5.x stopped declaring it."""
-    try:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    except ImportError:
-        return False
-    source = _source(sdpa_attention_forward)
+    interface; seen in 4.52), nor does 4.46-4.47's own ``Gemma2SdpaAttention``; Gemma2 declared
+    ``_supports_sdpa`` all the same until 5.x stopped declaring it."""
+    source = _gemma2_code("Gemma2SdpaAttention.forward")
+    if not source:
+        try:
+            from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        except ImportError:
+            return False
+        source = _source(sdpa_attention_forward)
     return bool(source) and "softcap" not in source
+
+
+def _gemma2_code(name: str) -> str:
+    """Source of ``Class.method`` in the installed Gemma2 modeling file ("" where there is none)."""
+    try:
+        from transformers.models.gemma2 import modeling_gemma2 as gemma2
+    except ImportError:
+        return ""
+    cls, _, method = name.partition(".")
+    return _source(getattr(getattr(gemma2, cls, None), method, None))
 
 
 def _gemma2_source(name: str) -> str:
@@ -63,8 +76,7 @@ def _gemma2_source(name: str) -> str:
         return ""
     if not getattr(gemma2.Gemma2PreTrainedModel, "_supports_flex_attn", False):
         return ""
-    cls, _, method = name.partition(".")
-    return _source(getattr(getattr(gemma2, cls, None), method, None))
+    return _gemma2_code(name)
 
 
 def _has_sliding_layers(config: Any) -> bool:
@@ -164,6 +176,26 @@ KNOWN_ISSUES: tuple[KnownIssue, ...] = (
         raises="_pytest.outcomes.Failed",
         reason="known issue (transformers 4.x, seen in 4.52.4; 5.x Gemma2 no longer declares SDPA): SDPA attention "
         "ignores the model's attn_logit_softcapping, so its logits differ from eager's, which caps",
+    ),
+    KnownIssue(
+        id="gemma2-decode-window-mask-misaligned",
+        hits=_is_gemma2,
+        present=lambda: "attention_mask[:, :, :, -self.sliding_window :]" in _gemma2_code("Gemma2DecoderLayer.forward"),
+        raises="_pytest.outcomes.Failed",
+        reason="known issue (transformers 4.46-4.47 Gemma2, fixed in 4.48 by an offset): at a decode step a sliding "
+        "layer reads the last sliding_window columns of the cache-long mask, not the columns of the keys it holds, so a "
+        "left-padded row past the window attends to its padding (|Δlogit| ~7 from the first decode step; the unpadded "
+        "row is right)",
+    ),
+    KnownIssue(
+        id="sliding-cache-shifts-one-slot",
+        hits=lambda config: getattr(_text_config(config), "cache_implementation", None) == "hybrid",  # 4.x Gemma2
+        present=lambda: "to_shift[-1].int()" in _source(getattr(__import__("transformers.cache_utils").cache_utils, "HybridCache", None)),
+        raises="_pytest.outcomes.Failed",
+        reason="known issue (transformers 4.46-4.51, HybridCache): a sliding layer past its window makes room for one new "
+        "token whatever the number it is given, and writes them all to its last slot, so several tokens at once (a draft "
+        "block to verify, a second turn on a returned cache) lose keys: assisted decoding handed a HybridCache object "
+        "runs on it (seen in 4.46.3), and a conversation continued on Gemma2's own cache hits it",
     ),
     KnownIssue(
         id="gemma2-flex-mask-as-tensor",

@@ -102,6 +102,14 @@ class ModelInfo:
         return self.cls.__name__ if self.cls else type(self.config).__name__
 
     @property
+    def default_attention(self) -> str:
+        """The attention from_pretrained picks when none is asked for: SDPA where the class declares it,
+        unless the class turns it down for eager (4.46-4.47 Gemma2: "SDPA reduces the model performance")."""
+        if not self.capabilities.get("sdpa", True):
+            return "eager"
+        return "eager" if self.cls is not None and _prefers_eager(self.cls) else "sdpa"
+
+    @property
     def max_positions(self) -> int | None:
         text = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
         for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
@@ -109,6 +117,23 @@ class ModelInfo:
             if isinstance(value, int):
                 return value
         return None
+
+
+def _prefers_eager(cls: type) -> bool:
+    """Whether a model class overrides ``_check_and_enable_sdpa`` to swap an unasked-for SDPA for eager."""
+    import inspect
+
+    for klass in cls.__mro__:
+        method = klass.__dict__.get("_check_and_enable_sdpa")
+        if method is None or klass.__module__.startswith("transformers.modeling_utils"):
+            continue
+        try:
+            source = inspect.getsource(getattr(method, "__func__", method))
+        except (OSError, TypeError):
+            continue
+        if '_attn_implementation = "eager"' in source:
+            return True
+    return False
 
 
 @functools.cache

@@ -56,7 +56,7 @@ def test_compiled_under_processors_matches_plain(llmopt_case):
     _batch(llmopt_case, "padded batch")
 
 
-@pytest.mark.llmopt(reference=PLAIN)
+@pytest.mark.llmopt(reference=PLAIN, known_issues=["sliding-cache-shifts-one-slot"])
 def test_drafts_under_processors_match_plain(llmopt_case):
     """Self draft, contrarian draft and prompt lookup under users' processors (batch 1, every prompt):
     verification applies the processors to each draft position with that position's ids."""

@@ -53,7 +53,7 @@ def _accepted_some(drafts, what) -> None:
         outcomes.not_exercised(f"the {what} had 0 of {drafts.proposed} draft tokens accepted: the commit of accepted drafts never ran")
 
 
-@pytest.mark.llmopt(cache=["dynamic", "static"], reference={"cache": "dynamic"})
+@pytest.mark.llmopt(cache=["dynamic", "static"], reference={"cache": "dynamic"}, known_issues=["sliding-cache-shifts-one-slot"])
 def test_self_draft_is_always_accepted(llmopt_case):
     """The target drafting for itself: output equals plain greedy, and (almost) every draft is accepted;
     a rejected self-draft is a near-tie between the draft's and the verifier's kernels, nothing more."""
@@ -70,7 +70,7 @@ def test_self_draft_is_always_accepted(llmopt_case):
     )
 
 
-@pytest.mark.llmopt(cache=["dynamic", "static"], reference={"cache": "dynamic"})
+@pytest.mark.llmopt(cache=["dynamic", "static"], reference={"cache": "dynamic"}, known_issues=["sliding-cache-shifts-one-slot"])
 def test_contrarian_draft_is_always_rejected(llmopt_case):
     """A draft that never proposes the target's choice: output still equals plain greedy, and no draft is
     accepted (an accepted one means verification let a wrong token through)."""
@@ -85,7 +85,7 @@ def test_contrarian_draft_is_always_rejected(llmopt_case):
 AGREE = 3  # new tokens the agreeing draft gets right
 
 
-@pytest.mark.llmopt(reference={})
+@pytest.mark.llmopt(reference={}, known_issues=["sliding-cache-shifts-one-slot"])
 def test_draft_agreeing_for_k_tokens_has_k_accepted(llmopt_case):
     """A draft built to propose the target's own token for the first AGREE new tokens and a wrong one after:
     output equals plain greedy, and exactly AGREE draft tokens are accepted per prompt. An acceptance rule off
@@ -142,7 +142,7 @@ def test_user_assistant(llmopt_case):
     _accepted_some(_greedy_with(case, target, f"assistant {spec.name}", **_assistant_kwargs(target, draft)), f"assistant {spec.name}")
 
 
-@pytest.mark.llmopt(reference={}, known_issues=["universal-draft-gets-target-inputs", "universal-draft-with-sliding-window"])
+@pytest.mark.llmopt(reference={}, known_issues=["universal-draft-gets-target-inputs", "universal-draft-with-sliding-window", "sliding-cache-shifts-one-slot"])
 def test_universal_assisted_decoding(llmopt_case):
     """A draft with another tokenizer (universal assisted decoding re-tokenizes between the two): output
     equals plain greedy. The draft is your --llmopt-assistant if its vocabulary differs, else the target
@@ -167,7 +167,7 @@ def test_universal_assisted_decoding(llmopt_case):
     _accepted_some(_greedy_with(case, target, what, both=both, **_assistant_kwargs(target, draft)), what)
 
 
-@pytest.mark.llmopt(reference={})
+@pytest.mark.llmopt(reference={}, known_issues=["sliding-cache-shifts-one-slot"])
 @pytest.mark.parametrize("kind", assistants.SAMPLING_KINDS)
 def test_speculative_sampling_keeps_the_distribution(llmopt_case, kind):
     """Sampling with a draft (accept with probability min(1, p/q), else resample from max(p - q, 0)) draws

@@ -225,3 +225,73 @@ def test_a_hybrid_cache_model_gets_its_own_cache_kind() -> None:
     else:
         assert isinstance(compat.make_static_cache(model, 1, 64), cls) and isinstance(compat.make_dynamic_cache(model, 64), cls)
         assert kwargs["cache_implementation"] == "hybrid" and hybrid.cache_object_kwargs(model) == {"cache_implementation": None}
+
+
+def test_4x_gemma2_probes_read_the_installed_code(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The three 4.46-4.47 Gemma2 bugs are found in the code that has them and not in the code that fixed them:
+    SDPA attention without soft-capping, the decode-step window mask cut from the end, the sliding cache that
+    shifts one slot whatever the number of new tokens."""
+    import transformers
+    from transformers.models.gemma2 import modeling_gemma2 as gemma2
+
+    class Sdpa:  # 4.46's Gemma2SdpaAttention: scaled_dot_product_attention, no softcap
+        def forward(self, q, k, v):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    class Layer:
+        def forward(self, attention_mask):  # 4.46-4.47
+            attention_mask = attention_mask[:, :, :, -self.sliding_window :]
+            return attention_mask
+
+    class Hybrid:
+        def _sliding_update(self, cache_position, to_shift, slicing, max_cache_len):  # 4.46-4.51
+            return (slicing + to_shift[-1].int() - 1) % max_cache_len
+
+    monkeypatch.setattr(gemma2, "Gemma2SdpaAttention", Sdpa, raising=False)
+    monkeypatch.setattr(gemma2, "Gemma2DecoderLayer", Layer)
+    monkeypatch.setattr(transformers.cache_utils, "HybridCache", Hybrid, raising=False)
+    assert known_issues._sdpa_drops_softcap()
+    assert known_issues.BY_ID["gemma2-decode-window-mask-misaligned"].present()
+    assert known_issues.BY_ID["sliding-cache-shifts-one-slot"].present()
+
+    class Capped(Sdpa):
+        def forward(self, q, k, v, softcap=50.0):
+            return torch.nn.functional.scaled_dot_product_attention(torch.tanh(q / softcap) * softcap, k, v)
+
+    class Offset(Layer):
+        def forward(self, attention_mask, offset=0):  # 4.48+
+            return attention_mask[:, :, :, offset : offset + self.sliding_window]
+
+    class Rolled(Hybrid):
+        def _sliding_update(self, cache_position, to_shift, slicing, max_cache_len):
+            return slicing.roll(-len(cache_position))
+
+    monkeypatch.setattr(gemma2, "Gemma2SdpaAttention", Capped)
+    monkeypatch.setattr(gemma2, "Gemma2DecoderLayer", Offset)
+    monkeypatch.setattr(transformers.cache_utils, "HybridCache", Rolled)
+    assert not known_issues._sdpa_drops_softcap()
+    assert not known_issues.BY_ID["gemma2-decode-window-mask-misaligned"].present()
+    assert not known_issues.BY_ID["sliding-cache-shifts-one-slot"].present()
+
+
+def test_default_attention_is_what_from_pretrained_picks() -> None:
+    """SDPA where the class declares it, eager where it does not or turns an unasked-for SDPA down (4.46-4.47
+    Gemma2 overrides _check_and_enable_sdpa for that): the variant a suite runs when it names no attention."""
+    import transformers
+
+    from pytest_llmopt.models import ModelInfo, ModelSpec
+
+    class Declares(transformers.PreTrainedModel):
+        _supports_sdpa = True
+
+    class TurnsDown(Declares):
+        @classmethod
+        def _check_and_enable_sdpa(cls, config, hard_check_only=False):
+            if not hard_check_only and config._attn_implementation == "sdpa":
+                config._attn_implementation = "eager"
+            return config
+
+    spec = ModelSpec("x", "builtin")
+    assert ModelInfo(spec, None, Declares, compat.capabilities(Declares)).default_attention == "sdpa"
+    assert ModelInfo(spec, None, TurnsDown, compat.capabilities(TurnsDown)).default_attention == "eager"
+    assert ModelInfo(spec, None, Declares, {**compat.capabilities(Declares), "sdpa": False}).default_attention == "eager"
