@@ -322,12 +322,30 @@ class Case:
         """Fail unless sampled continuations of ``text`` (or token ids [1, T]) on ``runner`` (with ``extra``
         generate arguments, e.g. an assistant, and the settings ``temperature``, ``top_p``, ``top_k``,
         ``repetition_penalty``) follow the plain model's *processed* distribution (distribution.distribution_test)."""
-        from .distribution import distribution_test
+        import torch
+
+        from .distribution import MIN_PIT_VALUES, boundary_margins, distribution_test
 
         plain = self.runner(self.param.reference)
         ids = plain.encode(text)[0] if isinstance(text, str) else text
         settings: dict[str, Any] = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "repetition_penalty": repetition_penalty}
         drawn = runner.sample(ids, samples, new_tokens, self.seed, **settings, **extra)
+        undecided = None
+        if top_k > 0:  # steps whose top-k set the run dtype cannot decide are left out (distribution.boundary_ties)
+            precise = self.precise(plain)
+            penalty = {"temperature": temperature, "repetition_penalty": repetition_penalty}
+
+            margins: list[Any] = []
+
+            def undecided(full: Any) -> Any:
+                for part in full.split(16):
+                    on = part.to(plain.model.device)
+                    run = plain.processed(plain.forward_logits(on, None), part, ids.shape[1], **penalty)
+                    margins.append(boundary_margins(run, plain.processed(precise.logits(on, None), part, ids.shape[1], **penalty), top_k))
+                gap, noise = (torch.cat(side) for side in zip(*margins))
+                self.record(top_k_gap_median=float(gap.median()), top_k_noise_median=float(noise.median()))
+                return gap <= 2 * noise
+
         verdict = distribution_test(
             drawn.cpu(),
             ids[0].cpu(),
@@ -335,10 +353,18 @@ class Case:
             seed=self.seed,
             label=f"{self.label}{' (' + what + ')' if what else ''}",
             reproduce=self.reproduce,
+            undecided=undecided,
         )
         self.record(ks_statistic=round(verdict.statistic, 5), ks_pvalue=verdict.pvalue, pit_values=verdict.values)
+        if undecided is not None:
+            self.record(pit_left_out=verdict.left_out)
         if not verdict.ok:
             pytest.fail(verdict.message, pytrace=False)
+        if verdict.values < MIN_PIT_VALUES:
+            outcomes.not_exercised(
+                f"the top-k boundary was within the run dtype's noise at {verdict.left_out} of {verdict.left_out + verdict.values} "
+                f"sampled steps: {verdict.values} PIT values left, fewer than {MIN_PIT_VALUES}"
+            )
         return verdict
 
     def check_logits(self, reference: Any, candidate: Any, ids: Any, mask: Any, what: str = "") -> Any:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 ALPHA = 1e-3  # false-alarm rate of one distribution test (fixed seeds make a given stack's verdict repeatable)
+MIN_PIT_VALUES = 400  # fewer left (top-k boundaries the run dtype cannot decide) and the test has too little power
 
 
 def kolmogorov_pvalue(statistic: float, n: int) -> float:
@@ -64,6 +65,31 @@ def randomized_pit(probs: torch.Tensor, tokens: torch.Tensor, generator: torch.G
     return (before + v * p_x).clamp(0.0, 1.0)
 
 
+def boundary_ties(run: torch.Tensor, precise: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Steps [n, L] whose top-k set the run dtype cannot decide: the gap between the k-th and (k+1)-th processed
+    logit of the run dtype's forward is at most twice that step's largest |run - higher-precision| difference.
+
+    ``run`` and ``precise`` [n, L, V] are processed logits (penalty, temperature) at the sampled positions. On a
+    near-flat distribution (a random half-precision shape) the k-th logit sits among near-ties and each boundary
+    token carries ~1/k of the mass: the cached path and the cache-free forward keep different ones, so such a
+    step's PIT value says nothing about the sampler. Which steps are left out depends only on the text before
+    them, so the rest stay Uniform(0, 1) under the null hypothesis.
+    """
+    gap, noise = boundary_margins(run, precise, top_k)
+    return gap <= 2 * noise  # the rule check_distribution applies (it records the margins too)
+
+
+def boundary_margins(run: torch.Tensor, precise: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per step [n, L]: the gap between the k-th and (k+1)-th processed logit of the run dtype, and the largest
+    |run - higher-precision| difference among the 2k tokens the higher-precision logits rank first (the
+    tokens top-k decides between; far larger logits carry a larger rounding error that does not matter here)."""
+    near = precise.double().topk(min(2 * top_k, precise.shape[-1]), dim=-1).indices
+    delta = (run.double().gather(-1, near) - precise.double().gather(-1, near)).abs()
+    noise = torch.where(torch.isfinite(delta), delta, torch.zeros((), dtype=torch.float64)).amax(-1)
+    top = run.double().topk(min(top_k + 1, run.shape[-1]), dim=-1).values
+    return top[..., -2] - top[..., -1], noise
+
+
 @dataclass
 class DistributionVerdict:
     ok: bool
@@ -72,6 +98,7 @@ class DistributionVerdict:
     samples: int
     values: int
     message: str = ""
+    left_out: int = 0  # PIT values left out: steps whose top-k boundary the run dtype cannot decide
 
 
 def distribution_test(
@@ -82,30 +109,38 @@ def distribution_test(
     label: str = "",
     reproduce: str = "",
     alpha: float = ALPHA,
+    undecided: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> DistributionVerdict:
     """Do ``samples`` [N, L] (new tokens after ``prompt_ids`` [P]) follow the target distribution?
 
     ``exact_probs(full_ids [n, P+L]) -> [n, L, V]`` gives the target's processed next-token
-    distribution at every generated position (teacher forcing).
+    distribution at every generated position (teacher forcing); ``undecided(full_ids) -> [n, L]`` the
+    steps to leave out (boundary_ties).
     """
     generator = torch.Generator().manual_seed(seed)
     full = torch.cat([prompt_ids.expand(samples.shape[0], -1), samples], dim=1)
     probs = exact_probs(full).double()
     u = randomized_pit(probs, samples, generator)
-    statistic, pvalue = ks_uniform(u)
+    left_out = 0
+    if undecided is not None:
+        keep = ~undecided(full).to(u.device)
+        left_out = int((~keep).sum())
+        u = u[keep]
+    statistic, pvalue = ks_uniform(u) if u.numel() else (0.0, 1.0)  # nothing left: not exercised (the caller says so)
     ok = pvalue >= alpha
     message = ""
     if not ok:
         hist = torch.histc(u.float(), bins=10, min=0.0, max=1.0).int().tolist()
         message = (
             f"{label}: sampled tokens do not follow the target model's distribution\n"
-            f"  Kolmogorov-Smirnov on {u.numel()} PIT values from {samples.shape[0]} samples: D = {statistic:.4f}, "
+            f"  Kolmogorov-Smirnov on {u.numel()} PIT values from {samples.shape[0]} samples"
+            f"{f' ({left_out} left out: top-k boundary within the noise)' if left_out else ''}: D = {statistic:.4f}, "
             f"p = {pvalue:.2e} < alpha {alpha:g} (false-alarm rate of this test)\n"
             f"  PIT histogram (10 bins, uniform expected {u.numel() // 10} each): {hist}\n"
             f"  mass in the upper half means unlikely tokens are sampled too often (e.g. drafts accepted without the p/q test)"
         )
         if reproduce:
             message += f"\n  reproduce: {reproduce}"
-    return DistributionVerdict(ok, statistic, pvalue, samples.shape[0], u.numel(), message)
+    return DistributionVerdict(ok, statistic, pvalue, samples.shape[0], u.numel(), message, left_out)
 
 

@@ -222,19 +222,23 @@ class Runner:
         and warpers are computed here, in transformers' order (repetition penalty over every earlier token of
         the row, temperature, top-k keeping ties, top-p), not by transformers' own code, so a fault there shows."""
         out = []
-        eos = self.eos_ids
         for start in range(0, full_ids.shape[0], chunk):
             ids = full_ids[start : start + chunk].to(self.model.device)
-            logits = self.forward_logits(ids, None)[:, prompt_len - 1 : -1].double()
-            if repetition_penalty != 1.0:
-                logits = penalized(logits, ids.cpu(), prompt_len, repetition_penalty)
-            logits[..., eos] = float("-inf")
-            logits = logits / temperature
+            logits = self.processed(self.forward_logits(ids, None), ids, prompt_len, temperature, repetition_penalty)
             if top_k > 0:
                 kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
                 logits = logits.masked_fill(logits < kth, float("-inf"))
             out.append(nucleus(torch.softmax(logits, dim=-1), top_p))
         return torch.cat(out, dim=0)
+
+    def processed(self, logits: torch.Tensor, ids: torch.Tensor, prompt_len: int, temperature: float = 1.0, repetition_penalty: float = 1.0) -> torch.Tensor:
+        """Logits [n, T, V] of a forward over ``ids`` at the generated positions [n, L], float64, after the
+        repetition penalty, the EOS mask and the temperature (what top-k then cuts)."""
+        out = logits[:, prompt_len - 1 : -1].double().cpu()
+        if repetition_penalty != 1.0:
+            out = penalized(out, ids.cpu(), prompt_len, repetition_penalty)
+        out[..., self.eos_ids] = float("-inf")
+        return out / temperature
 
 
 def penalized(logits: torch.Tensor, ids: torch.Tensor, prompt_len: int, penalty: float) -> torch.Tensor:

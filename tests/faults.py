@@ -160,6 +160,13 @@ def biased_speculative_acceptance(mp: pytest.MonkeyPatch) -> None:
     mp.setattr(utils, "_speculative_sampling", biased)
 
 
+def top_k_warper_ignored(mp: pytest.MonkeyPatch) -> None:
+    """The top-k warper passes every score through: sampling draws from beyond the k most likely tokens."""
+    from transformers.generation.logits_process import TopKLogitsWarper
+
+    mp.setattr(TopKLogitsWarper, "__call__", lambda self, input_ids, scores: scores)
+
+
 def padding_mask_builder_ignores_padding(mp: pytest.MonkeyPatch) -> None:
     """The padding-mask builder that eager, SDPA and flex attention share lets every query attend the pads
     (a fault no comparison between two attention paths can see: both sides share it)."""

@@ -228,3 +228,31 @@ def test_randomized_pit_is_uniform_for_exact_samples():
     tokens = torch.stack([torch.multinomial(probs[i].float(), 2000, replacement=True, generator=g) for i in range(4)], dim=1)
     u = randomized_pit(probs.expand(2000, 4, VOCAB), tokens, g)
     assert ks_uniform(u)[1] > 0.001
+
+
+def test_top_k_boundary_within_the_noise_is_undecided():
+    """A step whose k-th and (k+1)-th logits lie closer than twice the run dtype's error there cannot tell
+    which token top-k keeps; one with a clear gap can."""
+    from pytest_llmopt.distribution import boundary_ties
+
+    precise = torch.tensor([[[5.0, 4.0, 3.0, 2.9999, 1.0], [5.0, 4.0, 3.0, 2.0, 1.0]]], dtype=torch.float64)
+    run = precise + torch.tensor([0.001, -0.001, 0.0, 0.0, 0.0], dtype=torch.float64)
+    assert boundary_ties(run, precise, 3).tolist() == [[True, False]]
+    assert boundary_ties(run, precise, 2).tolist() == [[False, False]]
+    run[..., 4] = float("-inf")  # a token the processors removed on both sides adds no noise
+    precise[..., 4] = float("-inf")
+    assert boundary_ties(run, precise, 3).tolist() == [[True, False]]
+
+
+def test_left_out_steps_leave_the_test_uniform_and_are_counted():
+    """Steps left out by what precedes them (not by the draw) keep the rest Uniform(0, 1); a biased sampler is
+    still caught on what is left, and the message says how many were left out."""
+    probs, samples = _exact_and_samples(300, None, 2)
+    every_other = torch.zeros(300, 3, dtype=torch.bool)
+    every_other[::2, 1] = True
+    exact = lambda full: probs.expand(full.shape[0], 3, VOCAB)  # noqa: E731
+    verdict = distribution_test(samples, torch.tensor([0]), exact, seed=2, undecided=lambda full: every_other)
+    assert verdict.ok and verdict.left_out == 150 and verdict.values == 750
+    _, biased = _exact_and_samples(300, torch.roll(probs, 1), 2)
+    verdict = distribution_test(biased, torch.tensor([0]), exact, seed=2, label="biased", undecided=lambda full: every_other)
+    assert not verdict.ok and "(150 left out: top-k boundary within the noise)" in verdict.message

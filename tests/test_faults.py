@@ -93,6 +93,13 @@ FAULTS = {
         (),
         ("*sampled tokens do not follow the target model's distribution*", "*Kolmogorov-Smirnov on 1600 PIT values*"),
     ),
+    "top-k ignored while sampling": Fault(
+        faults.top_k_warper_ignored,
+        "test_speculative.py",
+        "test_speculative_sampling_keeps_the_distribution and top-k",
+        (),
+        ("*(tempered-top-k draft): sampled tokens do not follow the target model's distribution*", "*Kolmogorov-Smirnov on * PIT values*"),
+    ),
     "padding mask builder shared by every attention": Fault(
         faults.padding_mask_builder_ignores_padding,
         "test_consistency.py",
