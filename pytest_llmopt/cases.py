@@ -324,46 +324,39 @@ class Case:
         ``repetition_penalty``) follow the plain model's *processed* distribution (distribution.distribution_test)."""
         import torch
 
-        from .distribution import MIN_PIT_VALUES, boundary_margins, distribution_test
+        from .distribution import MIN_PIT_VALUES, BoundaryRule, distribution_test, more_batches
 
         plain = self.runner(self.param.reference)
         ids = plain.encode(text)[0] if isinstance(text, str) else text
         settings: dict[str, Any] = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "repetition_penalty": repetition_penalty}
-        drawn = runner.sample(ids, samples, new_tokens, self.seed, **settings, **extra)
         undecided = None
-        if top_k > 0:  # steps whose top-k set the run dtype cannot decide are left out (distribution.boundary_ties)
-            precise = self.precise(plain)
-            penalty = {"temperature": temperature, "repetition_penalty": repetition_penalty}
+        if top_k > 0:  # steps whose top-k set the run dtype cannot decide are left out (distribution.BoundaryRule)
+            precise, device, cut = self.precise(plain), plain.model.device, {"temperature": temperature, "repetition_penalty": repetition_penalty}
+            processed = lambda logits, full: plain.processed(logits, full, ids.shape[1], **cut)  # noqa: E731
+            undecided = BoundaryRule(
+                lambda full: processed(plain.forward_logits(full.to(device), None), full), lambda full: processed(precise.logits(full.to(device), None), full), top_k
+            )
 
-            margins: list[Any] = []
+        def judge(drawn: Any) -> Any:
+            label = f"{self.label}{' (' + what + ')' if what else ''}"
+            exact = lambda full: plain.exact_probs(full, ids.shape[1], **settings)  # noqa: E731
+            return distribution_test(drawn.cpu(), ids[0].cpu(), exact, seed=self.seed, label=label, reproduce=self.reproduce, undecided=undecided)
 
-            def undecided(full: Any) -> Any:
-                for part in full.split(16):
-                    on = part.to(plain.model.device)
-                    run = plain.processed(plain.forward_logits(on, None), part, ids.shape[1], **penalty)
-                    margins.append(boundary_margins(run, plain.processed(precise.logits(on, None), part, ids.shape[1], **penalty), top_k))
-                gap, noise = (torch.cat(side) for side in zip(*margins))
-                self.record(top_k_gap_median=float(gap.median()), top_k_noise_median=float(noise.median()))
-                return gap <= 2 * noise
-
-        verdict = distribution_test(
-            drawn.cpu(),
-            ids[0].cpu(),
-            lambda full: plain.exact_probs(full, ids.shape[1], **settings),
-            seed=self.seed,
-            label=f"{self.label}{' (' + what + ')' if what else ''}",
-            reproduce=self.reproduce,
-            undecided=undecided,
-        )
+        drawn = runner.sample(ids, samples, new_tokens, self.seed, **settings, **extra)
+        verdict = judge(drawn)
+        more = more_batches(verdict.values) if undecided is not None else 0
+        if more:  # as many draws again as the undecided steps need, with other seeds, up to distribution.MAX_BATCHES
+            drawn = torch.cat([drawn, *(runner.sample(ids, samples, new_tokens, self.seed + 1 + i, **settings, **extra) for i in range(more))])
+            verdict = judge(drawn)
         self.record(ks_statistic=round(verdict.statistic, 5), ks_pvalue=verdict.pvalue, pit_values=verdict.values)
         if undecided is not None:
-            self.record(pit_left_out=verdict.left_out)
+            self.record(pit_left_out=verdict.left_out, top_k_gap_median=undecided.gap_median, top_k_noise_median=undecided.noise_median)
         if not verdict.ok:
             pytest.fail(verdict.message, pytrace=False)
         if verdict.values < MIN_PIT_VALUES:
             outcomes.not_exercised(
                 f"the top-k boundary was within the run dtype's noise at {verdict.left_out} of {verdict.left_out + verdict.values} "
-                f"sampled steps: {verdict.values} PIT values left, fewer than {MIN_PIT_VALUES}"
+                f"sampled steps ({drawn.shape[0]} samples): {verdict.values} PIT values left, fewer than {MIN_PIT_VALUES}"
             )
         return verdict
 

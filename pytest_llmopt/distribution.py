@@ -18,6 +18,7 @@ import torch
 
 ALPHA = 1e-3  # false-alarm rate of one distribution test (fixed seeds make a given stack's verdict repeatable)
 MIN_PIT_VALUES = 400  # fewer left (top-k boundaries the run dtype cannot decide) and the test has too little power
+MAX_BATCHES = 6  # draws of a sampling check, in all, to find MIN_PIT_VALUES decided steps
 
 
 def kolmogorov_pvalue(statistic: float, n: int) -> float:
@@ -65,25 +66,46 @@ def randomized_pit(probs: torch.Tensor, tokens: torch.Tensor, generator: torch.G
     return (before + v * p_x).clamp(0.0, 1.0)
 
 
-def boundary_ties(run: torch.Tensor, precise: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Steps [n, L] whose top-k set the run dtype cannot decide: the gap between the k-th and (k+1)-th processed
-    logit of the run dtype's forward is at most twice that step's largest |run - higher-precision| difference.
+@dataclass
+class BoundaryRule:
+    """``undecided`` for distribution_test under top-k: the steps [n, L] whose top-k set the run dtype cannot
+    decide, where the gap between the k-th and (k+1)-th processed logit of its cache-free forward is at most twice
+    the error there against the higher-precision copy (boundary_margins; each side ``full_ids [n, P+L] -> [n, L,
+    V]``, run by chunks). On a near-flat distribution (a random half-precision shape) the k-th logit sits among
+    near-ties and each boundary token carries ~1/k of the mass: the cached path and the cache-free forward keep
+    different ones, so such a step's PIT value says nothing about the sampler. Which steps are left out depends
+    only on the text before them, so the rest stay Uniform(0, 1) under the null hypothesis. Keeps the median gap
+    and error of its last call for the report."""
 
-    ``run`` and ``precise`` [n, L, V] are processed logits (penalty, temperature) at the sampled positions. On a
-    near-flat distribution (a random half-precision shape) the k-th logit sits among near-ties and each boundary
-    token carries ~1/k of the mass: the cached path and the cache-free forward keep different ones, so such a
-    step's PIT value says nothing about the sampler. Which steps are left out depends only on the text before
-    them, so the rest stay Uniform(0, 1) under the null hypothesis.
-    """
-    gap, noise = boundary_margins(run, precise, top_k)
-    return gap <= 2 * noise  # the rule check_distribution applies (it records the margins too)
+    run_logits: Callable[[torch.Tensor], torch.Tensor]
+    precise_logits: Callable[[torch.Tensor], torch.Tensor]
+    top_k: int
+    gap_median: float = math.nan
+    noise_median: float = math.nan
+
+    def __call__(self, full: torch.Tensor) -> torch.Tensor:
+        parts = [boundary_margins(self.run_logits(part), self.precise_logits(part), self.top_k) for part in full.split(16)]
+        gap, noise = (torch.cat(side) for side in zip(*parts))
+        self.gap_median, self.noise_median = float(gap.median()), float(noise.median())
+        return gap <= 2 * noise
+
+
+def more_batches(values: int) -> int:
+    """How many more batches of draws, like the first, bring the PIT values up to MIN_PIT_VALUES at the rate of
+    decided steps seen: 0 when there are enough, or when even MAX_BATCHES in all would not do (a random half-precision
+    shape, where no top-k boundary is decided: more draws would be time spent for nothing)."""
+    if values >= MIN_PIT_VALUES or values == 0:
+        return 0
+    needed = math.ceil(MIN_PIT_VALUES * 1.2 / values) - 1  # a fifth more: the rate of decided steps varies by batch
+    return needed if needed + 1 <= MAX_BATCHES else 0
 
 
 def boundary_margins(run: torch.Tensor, precise: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per step [n, L]: the gap between the k-th and (k+1)-th processed logit of the run dtype, and the largest
-    |run - higher-precision| difference among the 2k tokens the higher-precision logits rank first (the
-    tokens top-k decides between; far larger logits carry a larger rounding error that does not matter here)."""
-    near = precise.double().topk(min(2 * top_k, precise.shape[-1]), dim=-1).indices
+    |run - higher-precision| difference among the tokens the run dtype ranks around the boundary (k/2 to 3k/2:
+    those top-k decides between; the first ones carry a larger rounding error, larger logits, that does not
+    move the boundary)."""
+    near = run.double().topk(min(top_k + top_k // 2 + 1, run.shape[-1]), dim=-1).indices[..., top_k // 2 :]
     delta = (run.double().gather(-1, near) - precise.double().gather(-1, near)).abs()
     noise = torch.where(torch.isfinite(delta), delta, torch.zeros((), dtype=torch.float64)).amax(-1)
     top = run.double().topk(min(top_k + 1, run.shape[-1]), dim=-1).values
@@ -115,7 +137,7 @@ def distribution_test(
 
     ``exact_probs(full_ids [n, P+L]) -> [n, L, V]`` gives the target's processed next-token
     distribution at every generated position (teacher forcing); ``undecided(full_ids) -> [n, L]`` the
-    steps to leave out (boundary_ties).
+    steps to leave out (BoundaryRule).
     """
     generator = torch.Generator().manual_seed(seed)
     full = torch.cat([prompt_ids.expand(samples.shape[0], -1), samples], dim=1)

@@ -233,15 +233,26 @@ def test_randomized_pit_is_uniform_for_exact_samples():
 def test_top_k_boundary_within_the_noise_is_undecided():
     """A step whose k-th and (k+1)-th logits lie closer than twice the run dtype's error there cannot tell
     which token top-k keeps; one with a clear gap can."""
-    from pytest_llmopt.distribution import boundary_ties
+    from pytest_llmopt.distribution import BoundaryRule
 
     precise = torch.tensor([[[5.0, 4.0, 3.0, 2.9999, 1.0], [5.0, 4.0, 3.0, 2.0, 1.0]]], dtype=torch.float64)
     run = precise + torch.tensor([0.001, -0.001, 0.0, 0.0, 0.0], dtype=torch.float64)
-    assert boundary_ties(run, precise, 3).tolist() == [[True, False]]
-    assert boundary_ties(run, precise, 2).tolist() == [[False, False]]
-    run[..., 4] = float("-inf")  # a token the processors removed on both sides adds no noise
+    full = torch.zeros(1, 4, dtype=torch.long)
+    assert BoundaryRule(lambda ids: run, lambda ids: precise, 3)(full).tolist() == [[True, False]]
+    assert BoundaryRule(lambda ids: run, lambda ids: precise, 2)(full).tolist() == [[False, False]]
+    run[..., 4] = float("-inf")  # a token the processors removed on both sides adds no error
     precise[..., 4] = float("-inf")
-    assert boundary_ties(run, precise, 3).tolist() == [[True, False]]
+    rule = BoundaryRule(lambda ids: run, lambda ids: precise, 3)
+    assert rule(full).tolist() == [[True, False]] and math.isclose(rule.noise_median, 0.001)
+
+
+def test_more_draws_only_where_they_can_reach_enough_decided_steps():
+    from pytest_llmopt.distribution import MAX_BATCHES, MIN_PIT_VALUES, more_batches
+
+    assert more_batches(MIN_PIT_VALUES) == 0 and more_batches(0) == 0  # enough; or none decided (a random bf16 shape)
+    assert more_batches(MIN_PIT_VALUES // 2) == 2  # 1 would do at exactly the first batch's rate: a fifth more is asked
+    fewest = math.ceil(MIN_PIT_VALUES * 1.2 / MAX_BATCHES)  # the fewest per batch that MAX_BATCHES in all bring to enough
+    assert more_batches(fewest) == MAX_BATCHES - 1 and more_batches(fewest - 1) == 0
 
 
 def test_left_out_steps_leave_the_test_uniform_and_are_counted():
