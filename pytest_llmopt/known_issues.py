@@ -223,9 +223,9 @@ KNOWN_ISSUES: tuple[KnownIssue, ...] = (
         raises="_pytest.outcomes.Failed",
         run=False,
         reason="known issue (transformers 4.4x, seen in 4.46.3): the DynamicCache is an nn.Module counting its tokens "
-        "in an int attribute (_seen_tokens) that dynamo specializes on; under beam search, whose cache is reordered at every "
-        "step, a compiled forward recompiles at every token until dynamo's recompile limit drops it to eager (not run: the "
-        "recompiles count against the model's forward for the rest of the session, so later compiled checks would hit the limit too)",
+        "in an int attribute (_seen_tokens) that dynamo specializes on; a compiled forward (greedy or beam search) recompiles at "
+        "every token until dynamo's recompile limit drops it to eager (not run: the recompiles count against the model's "
+        "forward for the rest of the session, so later compiled checks would hit the limit too)",
     ),
     KnownIssue(
         id="prompt-lookup-overruns-static-cache",

@@ -41,12 +41,24 @@ def cache_layout(config: Any) -> CacheLayout:
     return CacheLayout(layers, sliding, kv_heads, head_dim, window if sliding else None)
 
 
+def caches_trim_sliding_layers(config: Any) -> bool:
+    """Whether generate()'s StaticCache and DynamicCache keep a sliding-window layer to its window: per-layer caches
+    do (4.56+, a StaticSlidingWindowLayer), and 4.x Gemma2's HybridCache; before 4.56 the others hold every position
+    of every layer (only a SlidingWindowCache, asked for by name, trims), so that is their size there."""
+    from transformers import cache_utils
+
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return hasattr(cache_utils, "StaticSlidingWindowLayer") or getattr(text, "cache_implementation", None) == "hybrid"
+
+
 def static_cache_bytes(config: Any, batch: int, max_len: int, dtype_bytes: int) -> int:
-    """2 (keys, values) x batch x kv_heads x head_dim x bytes x (full layers x max_len + sliding layers x min(window, max_len))."""
+    """2 (keys, values) x batch x kv_heads x head_dim x bytes x (full layers x max_len + sliding layers x min(window, max_len)),
+    sliding layers counted as full where the release's caches do not trim them (caches_trim_sliding_layers)."""
     layout = cache_layout(config)
-    positions = (layout.layers - layout.sliding_layers) * max_len
-    if layout.sliding_layers:
-        positions += layout.sliding_layers * min(layout.window or max_len, max_len)
+    sliding = layout.sliding_layers if caches_trim_sliding_layers(config) else 0
+    positions = (layout.layers - sliding) * max_len
+    if sliding:
+        positions += sliding * min(layout.window or max_len, max_len)
     return 2 * batch * layout.kv_heads * layout.head_dim * dtype_bytes * positions
 
 

@@ -202,9 +202,10 @@ def check_cache(
 ) -> CacheVerdict:
     """The kv-cache ``generate`` built (``kind`` 'dynamic' or 'static') within its formula:
     2 x batch x kv_heads x head_dim x bytes x positions per layer, where a full layer holds ``length``
-    positions (the static cache: its max_cache_len) and a sliding-window layer min(window, length).
-    Every sliding layer, checked alone, holds no more positions than its window."""
-    from .measure import cache_layout
+    positions (the static cache: its max_cache_len) and a sliding-window layer min(window, length) where the
+    release's caches trim it (measure.caches_trim_sliding_layers). Every sliding layer, checked alone, holds no
+    more positions than its window."""
+    from .measure import cache_layout, caches_trim_sliding_layers
 
     layout = cache_layout(config)
     layers = cache_layers(cache)
@@ -212,7 +213,10 @@ def check_cache(
     own = getattr(cache, "is_sliding_list", None)
     if own is None and type(cache).__name__ == "HybridCache":
         own = getattr(cache, "is_sliding", None)
-    flags = [bool(flag) for flag in own] if own is not None else sliding_flags(config, len(layers))
+    if own is not None:
+        flags = [bool(flag) for flag in own]
+    else:  # before 4.56 a StaticCache or DynamicCache keeps every position of a sliding layer: full layers there
+        flags = sliding_flags(config, len(layers)) if caches_trim_sliding_layers(config) else [False] * len(layers)
     per_position = 2 * batch * layout.kv_heads * layout.head_dim * dtype_bytes
     window = layout.window or length
     formula = 0

@@ -100,6 +100,7 @@ def status_from(name: Any) -> Status | None:
 REFUSALS = (
     "requires a cache that can be cropped",  # 5.2x: a static sliding-window cache longer than its window
     "not supported with Static cache",  # up to 5.1x: assisted generation refuses static caches
+    "does not support an instance of `Cache` as `past_key_values`",  # 4.4x: a legacy-cache model (GPT-2) given a Cache object
 )
 
 
