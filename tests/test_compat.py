@@ -72,8 +72,13 @@ def test_static_cache_of_the_installed_release_has_the_asked_length():
             None,
             "CPU flex_attention cannot return the log-sum-exp",
         ),
+        (
+            ValueError("GPT2LMHeadModel does not support an instance of `Cache` as `past_key_values`. Please check the model documentation for supported cache formats."),
+            None,
+            "unsupported by transformers",
+        ),
     ],
-    ids=["transformers-refuses", "sdpa-backend-has-no-kernel", "flex-cpu-lse"],
+    ids=["transformers-refuses", "sdpa-backend-has-no-kernel", "flex-cpu-lse", "legacy-cache-model"],
 )
 def test_refusals_are_told_apart_from_errors(exc, backend, fragment):
     reason = outcomes.refusal(exc, backend)
@@ -295,3 +300,19 @@ def test_default_attention_is_what_from_pretrained_picks() -> None:
     assert ModelInfo(spec, None, Declares, compat.capabilities(Declares)).default_attention == "sdpa"
     assert ModelInfo(spec, None, TurnsDown, compat.capabilities(TurnsDown)).default_attention == "eager"
     assert ModelInfo(spec, None, Declares, {**compat.capabilities(Declares), "sdpa": False}).default_attention == "eager"
+
+
+def test_cache_size_formula_follows_the_release(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sliding-window layers count min(window, length) positions where the release's caches trim them (per-layer
+    caches, 4.56+; 4.x Gemma2's HybridCache), every position before (a 4.46-4.55 StaticCache is full-length)."""
+    from transformers import cache_utils
+
+    from pytest_llmopt import zoo
+    from pytest_llmopt.measure import caches_trim_sliding_layers, static_cache_bytes
+
+    mistral = zoo.builtin_config("tiny-mistral")  # every layer slides, window 48
+    monkeypatch.setattr(cache_utils, "StaticSlidingWindowLayer", object, raising=False)
+    trimmed = static_cache_bytes(mistral, 1, 100, 4)
+    monkeypatch.delattr(cache_utils, "StaticSlidingWindowLayer")
+    assert not caches_trim_sliding_layers(mistral)
+    assert static_cache_bytes(mistral, 1, 100, 4) == trimmed * 100 // 48
