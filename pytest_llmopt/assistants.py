@@ -49,14 +49,14 @@ class TemperedHead(torch.nn.Module):
         return self.head(hidden) * self.factor
 
 
-def build(model: Any, kind: str) -> Any:
-    """A draft model of ``kind`` sharing ``model``'s weights."""
+def build(model: Any, kind: str, tokens: int | None = None) -> Any:
+    """A draft model of ``kind`` sharing ``model``'s weights, proposing ``tokens`` (default DRAFT_TOKENS) at a time."""
     if kind not in KINDS:
         raise ValueError(f"unknown assistant kind {kind!r}; known: {KINDS}")
     draft = copy.copy(model)
     draft._modules = dict(model._modules)  # own module table: swapping the head leaves the target alone
     draft.generation_config = copy.deepcopy(model.generation_config)
-    configure_drafting(draft)
+    configure_drafting(draft, tokens or DRAFT_TOKENS)
     if kind in ("contrarian", "tempered"):
         head = model.get_output_embeddings()
         names = [name for name, module in model._modules.items() if module is head]
@@ -66,10 +66,10 @@ def build(model: Any, kind: str) -> Any:
     return draft
 
 
-def configure_drafting(draft: Any) -> None:
-    """Constant drafts of DRAFT_TOKENS tokens, never cut short by the draft's confidence."""
+def configure_drafting(draft: Any, tokens: int = DRAFT_TOKENS) -> None:
+    """Constant drafts of ``tokens`` tokens, never cut short by the draft's confidence."""
     config = draft.generation_config
-    config.num_assistant_tokens = DRAFT_TOKENS
+    config.num_assistant_tokens = tokens
     config.num_assistant_tokens_schedule = "constant"
     if hasattr(config, "assistant_confidence_threshold"):
         config.assistant_confidence_threshold = 0.0
