@@ -68,6 +68,13 @@ def _gemma2_code(name: str) -> str:
     return _source(getattr(getattr(gemma2, cls, None), method, None))
 
 
+def _cache_class(name: str) -> Any:
+    """A class of the installed cache_utils (None where this release has no such class)."""
+    from transformers import cache_utils
+
+    return getattr(cache_utils, name, None)
+
+
 def _gemma2_source(name: str) -> str:
     """Source of a Gemma2 class of the installed release ("" where flex_attention is not declared there)."""
     try:
@@ -145,9 +152,7 @@ def _universal_draft_gets_target_inputs() -> bool:
 def _dynamic_cache_counts_in_an_int() -> bool:
     """4.x: the DynamicCache is an ``nn.Module`` that counts its tokens in a Python int attribute
     (``_seen_tokens``), which dynamo specializes on: a compiled forward recompiles at every token."""
-    from transformers import cache_utils
-
-    cache = getattr(cache_utils, "DynamicCache", None)
+    cache = _cache_class("DynamicCache")
     return cache is not None and issubclass(cache, torch.nn.Module) and "self._seen_tokens +=" in _source(cache.update)
 
 
@@ -190,7 +195,7 @@ KNOWN_ISSUES: tuple[KnownIssue, ...] = (
     KnownIssue(
         id="sliding-cache-shifts-one-slot",
         hits=lambda config: getattr(_text_config(config), "cache_implementation", None) == "hybrid",  # 4.x Gemma2
-        present=lambda: "to_shift[-1].int()" in _source(getattr(__import__("transformers.cache_utils").cache_utils, "HybridCache", None)),
+        present=lambda: "to_shift[-1].int()" in _source(_cache_class("HybridCache")),
         raises="_pytest.outcomes.Failed",
         reason="known issue (transformers 4.46-4.51, HybridCache): a sliding layer past its window makes room for one new "
         "token whatever the number it is given, and writes them all to its last slot, so several tokens at once (a draft "
