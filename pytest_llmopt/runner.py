@@ -234,7 +234,7 @@ class Runner:
     def processed(self, logits: torch.Tensor, ids: torch.Tensor, prompt_len: int, temperature: float = 1.0, repetition_penalty: float = 1.0) -> torch.Tensor:
         """Logits [n, T, V] of a forward over ``ids`` at the generated positions [n, L], float64, after the
         repetition penalty, the EOS mask and the temperature (what top-k then cuts)."""
-        out = logits[:, prompt_len - 1 : -1].double().cpu()
+        out = logits[:, prompt_len - 1 : -1].to(device="cpu", dtype=torch.float64, copy=True)  # float64 logits stay the caller's
         if repetition_penalty != 1.0:
             out = penalized(out, ids.cpu(), prompt_len, repetition_penalty)
         out[..., self.eos_ids] = float("-inf")
