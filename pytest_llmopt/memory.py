@@ -157,6 +157,18 @@ def cache_layers(cache: Any) -> list[tuple[Any, Any]]:
     return list(zip(getattr(cache, "key_cache", []), getattr(cache, "value_cache", [])))
 
 
+def static_capacity(cache: Any, sequence: int) -> int:
+    """The positions a static cache generate() built holds per full layer. 4.56-4.57's ``Cache.max_cache_len`` is the
+    longest layer's, so the window where every layer slides (Mistral), and 5.x has none: read the full layers
+    themselves (their ``max_cache_len``), 4.x caches' own attribute, else the ``sequence``, which each sliding layer
+    trims to its window anyway."""
+    layers = getattr(cache, "layers", None)
+    if layers:
+        full = [int(layer.max_cache_len) for layer in layers if not getattr(layer, "is_sliding", False) and getattr(layer, "max_cache_len", None)]
+        return max(full) if full else sequence
+    return int(getattr(cache, "max_cache_len", 0) or sequence)
+
+
 def _nbytes(t: Any) -> int:
     """Bytes a cache tensor keeps alive: its whole storage (a trimmed view of a long tensor holds it all)."""
     if t is None or not hasattr(t, "untyped_storage"):

@@ -7,7 +7,7 @@ Two ways users compile: generate()'s own auto-compile of the decode step when th
 ``_can_compile_fullgraph`` is reported unsupported. Recompiles are checked on one repeated request, on
 a serving-like mix of lengths, batch sizes and output lengths, and for ``model.forward =
 torch.compile(model.forward)`` with a dynamic cache; dynamo's recompile limit stays in force, so a
-silent fall back to eager shows as a failure.
+silent fall back to eager shows as a failure. Each check starts from an empty dynamo cache (``_fresh_dynamo``).
 """
 
 from __future__ import annotations
@@ -21,6 +21,17 @@ from pytest_llmopt.instrumentation import compiled_forward, count_compiled_calls
 from pytest_llmopt.measure import cache_layout, watch_compiles
 
 TO_EAGER = {"cache": "dynamic", "compile": "off"}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each check here counts graphs, recompiles and recompile-limit hits from an empty dynamo cache, as a process
+    that compiles one model does. dynamo's cache is the process's, per code object, and every model class's forward
+    can be one shared decorator (4.57's ``can_return_tuple`` wrapper): after the earlier checks of two models it held
+    25 entries, and a check that passes alone hit the recompile limit."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
 WARMUP_GRAPHS = 2  # a decode graph, and at most one more (e.g. the first decode step's mask shape)
 
 

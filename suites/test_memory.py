@@ -108,11 +108,7 @@ def test_generate_cache_within_formula(llmopt_case):
         )
     cache = out.past_key_values
     total = int(out.sequences.shape[1])
-    length = (
-        int(getattr(cache, "max_cache_len", 0) or total)
-        if case.variant.cache == "static"
-        else total
-    )
+    length = memory.static_capacity(cache, total) if case.variant.cache == "static" else total
     assert length >= total - 1, (
         f"{case.label}: the static cache holds {length} positions for a sequence of {total}"
     )
