@@ -162,3 +162,19 @@ def test_check_returns_allows_only_what_is_declared_kept() -> None:
     assert not memory.check_returns(probe, call, slack=0).ok
     box.clear()
     assert memory.check_returns(probe, call, kept=lambda: 4096, slack=0).ok
+
+
+def test_static_capacity_reads_the_full_layers() -> None:
+    """A static cache's capacity is that of its full layers: 4.57's ``Cache.max_cache_len`` (the longest layer)
+    is the window where every layer slides (Mistral), 5.x caches have none, 4.x caches carry their own."""
+    from types import SimpleNamespace as Obj
+
+    def layer(length: int, sliding: bool) -> Obj:
+        return Obj(max_cache_len=length, is_sliding=sliding)
+
+    mixed = Obj(layers=[layer(48, True), layer(104, False)], max_cache_len=104)
+    all_sliding = Obj(layers=[layer(48, True), layer(48, True)], max_cache_len=48)
+    assert memory.static_capacity(mixed, 100) == 104
+    assert memory.static_capacity(all_sliding, 100) == 100
+    assert memory.static_capacity(Obj(max_cache_len=96), 90) == 96  # 4.x StaticCache / HybridCache
+    assert memory.static_capacity(Obj(layers=[layer(30, False)]), 90) == 30  # too small: the check reports it
