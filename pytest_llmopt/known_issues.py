@@ -149,6 +149,23 @@ def _universal_draft_gets_target_inputs() -> bool:
     return hasattr(cg, "_prepare_position_ids") and "position_ids" not in source
 
 
+def _model_code(module: str, name: str) -> str:
+    """Source of ``Class.method`` in an installed modeling file, e.g. ("gpt_neo", "GPTNeoFlashAttention2.forward")
+    ("" where there is none)."""
+    import importlib
+
+    try:
+        modeling = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
+    except ImportError:
+        return ""
+    cls, _, method = name.partition(".")
+    return _source(getattr(getattr(modeling, cls, None), method, None))
+
+
+def _is_type(model_type: str) -> Callable[[Any], bool]:
+    return lambda config: getattr(_text_config(config), "model_type", "") == model_type
+
+
 def _dynamic_cache_counts_in_an_int() -> bool:
     """4.x: the DynamicCache is an ``nn.Module`` that counts its tokens in a Python int attribute
     (``_seen_tokens``), which dynamo specializes on: a compiled forward recompiles at every token."""
@@ -222,6 +239,37 @@ KNOWN_ISSUES: tuple[KnownIssue, ...] = (
         raises="ValueError",
         reason="known issue (transformers 4.x Gemma2): generate() with its HybridCache turns the mask 4D for every "
         "attention but flash, and flex_attention's mask builder wants it 2D (ValueError: too many values to unpack)",
+    ),
+    KnownIssue(
+        id="gptneo-flash-attention-ignores-local-window",
+        applies=lambda cache, attention, device: attention == "flash_attention_2",
+        hits=lambda config: "local" in (getattr(_text_config(config), "attention_layers", None) or ()),
+        present=lambda: bool(_model_code("gpt_neo", "GPTNeoFlashAttention2.forward"))
+        and "window" not in _model_code("gpt_neo", "GPTNeoFlashAttention2.forward"),
+        raises="_pytest.outcomes.Failed",
+        reason="known issue (transformers GPT-Neo, every release 4.46-5.24): GPTNeoFlashAttention2 hands flash-attn no "
+        "window, so a local layer attends to every earlier token where eager masks all but the last window_size "
+        "(seen on the H100 under 5.10.4: |Δlogit| 3.6-7.8 once a text passes the window)",
+    ),
+    KnownIssue(
+        id="gptneo-flash-attention-4d-mask-slice",
+        applies=lambda cache, attention, device: attention == "flash_attention_2",
+        hits=_is_type("gpt_neo"),
+        present=lambda: "attention_mask[:, :, :, :" in _model_code("gpt_neo", "GPTNeoFlashAttention2.forward"),
+        raises="IndexError",
+        reason="known issue (transformers 4.46-4.57 GPT-Neo): GPTNeoFlashAttention2 slices its mask as 4D "
+        "(attention_mask[:, :, :, :k]) but flash attention gets the 2D padding mask: any padded batch raises "
+        "IndexError (too many indices for tensor of dimension 2)",
+    ),
+    KnownIssue(
+        id="gpt2-flash-attention-not-causal-with-mask",
+        applies=lambda cache, attention, device: attention == "flash_attention_2",
+        hits=_is_type("gpt2"),
+        present=lambda: "is_causal = attention_mask is None and" in _model_code("gpt2", "GPT2Attention.forward"),
+        raises="_pytest.outcomes.Failed",
+        reason="known issue (transformers 4.52-4.57 GPT-2): GPT2Attention passes is_causal=False whenever it has an "
+        "attention mask, which flash attention honours while the mask it gets is the 2D padding mask, so the prompt "
+        "attends to later tokens (seen on the H100 under 4.57.6: |Δlogit| up to 10 on padded batches and single prompts)",
     ),
     KnownIssue(
         id="dynamic-cache-int-recompiles",

@@ -182,6 +182,7 @@ class ModelStore:
         self.keep = keep
         self._models: OrderedDict[tuple[str, str, str], Loaded] = OrderedDict()
         self._failures: dict[tuple[str, str, str], str] = {}
+        self._fixed_attention: set[tuple[str, str]] = set()  # (model, quant) whose attention cannot be switched
         self._tokenizers: dict[str, Any] = {}
 
     def describe(self, spec: ModelSpec) -> ModelInfo:
@@ -196,17 +197,23 @@ class ModelStore:
         """The model with ``attention`` set; loads it (or reloads it, where it cannot switch) if needed."""
         from . import compat
 
-        key = (spec.ref, quant, attention if not self._can_switch() else "*")
+        switch = self._can_switch() and (spec.ref, quant) not in self._fixed_attention
+        key = (spec.ref, quant, "*" if switch else attention)
         if key in self._failures:
             raise LoadError(self._failures[key] + " (failed earlier in this session)")
         loaded = self._models.get(key)
         if loaded is None:
             loaded = self._load(spec, attention, quant, key)
         self._models.move_to_end(key)
-        if loaded.attention != attention:
-            if not compat.set_attention(loaded.model, attention):
+        if loaded.attention != attention and not compat.set_attention(loaded.model, attention):
+            if not switch:
                 raise LoadError(f"{spec.name}: could not switch attention to {attention}")
-            loaded.attention = attention
+            # A class without the attention interface keeps the implementation it was built with (5.10's GPT-Neo
+            # refuses to switch): from now on it is loaded once per implementation.
+            self._fixed_attention.add((spec.ref, quant))
+            self._models[(spec.ref, quant, loaded.attention)] = self._models.pop(key)  # kept, under what it runs
+            return self.load(spec, attention, quant)
+        loaded.attention = attention
         return loaded
 
     @staticmethod

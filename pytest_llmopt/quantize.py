@@ -94,7 +94,10 @@ class QualityBound:
 # Thresholds of the quality bound: (kind, scheme) -> bound. Rule: min_top1 = worst measured - 0.10
 # (floored at 0), max_kl = 2 x worst measured mean KL. Figures (scripts/measure-quant.py --model ...,
 # teacher forcing over the built-in prompts, bf16 compute):
-#   tiny (CPU, bnb 0.50.2; tiny-llama / tiny-qwen2 / tiny-mistral): int8 top-1 0.84-0.85, KL 0.020-0.025;
+#   tiny (CPU, bnb 0.50.2; tiny-llama / tiny-qwen2 / tiny-mistral): int8 top-1 0.84-0.85, KL 0.020-0.025; int8 on
+#     the other built-ins (2026-11-27): tiny-gpt2 0.94, 0.0031; tiny-gemma2 0.94, 0.0038; tiny-gptneo 0.79, 0.056 on
+#     CPU (eager) and 0.78, 0.062 on the H100 (flash_attention_2, 5.10.4): GPT-Neo's unscaled attention makes the 64-wide
+#     model the most sensitive, so the int8 bound is set from it (it failed the bound of the other three);
 #     nf4 0.21-0.24, 1.02-1.06; fp4 0.11-0.14, 1.44-1.48; nf4-dq 0.20-0.23, 1.02-1.07. Tiny layers (64 wide,
 #     one 64-block per row) with initializer 0.25 are a worst case for 4-bit blocks: weak bounds, honestly.
 #   trained (CPU, bnb 0.50.2; tinystories-656k / stories-260k): int8 0.950-0.956, KL 0.0019-0.0049;
@@ -116,7 +119,7 @@ QUALITY: dict[tuple[str, str], QualityBound] = {
     ("shape", "nf4"): QualityBound(0.0, 0.25, SHAPE_PLACEHOLDER),
     ("shape", "fp4"): QualityBound(0.0, 0.40, SHAPE_PLACEHOLDER),
     ("shape", "nf4-dq"): QualityBound(0.0, 0.25, SHAPE_PLACEHOLDER),
-    ("tiny", "int8"): QualityBound(0.73, 0.05, TINY_CPU),
+    ("tiny", "int8"): QualityBound(0.68, 0.124, TINY_CPU + "; int8 over all six built-ins, GPT-Neo the worst"),
     ("tiny", "nf4"): QualityBound(0.11, 2.13, TINY_CPU),
     ("tiny", "fp4"): QualityBound(0.0, 2.97, TINY_CPU),
     ("tiny", "nf4-dq"): QualityBound(0.10, 2.14, TINY_CPU),

@@ -102,8 +102,9 @@ def _load(name: str, scheme: str, device: str, seed: int) -> Any:
         config = (
             quantize.bnb_config(scheme, torch.bfloat16) if scheme != "none" else None
         )
+        attention = models.describe(spec, False).default_attention  # what from_pretrained picks (GPT-Neo: eager)
         model = compat.from_pretrained(
-            source, torch.bfloat16, device, "sdpa", config, False
+            source, torch.bfloat16, device, attention, config, False
         ).eval()
         if scheme == "none":
             model = model.to(device)

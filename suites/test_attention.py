@@ -19,6 +19,8 @@ FLEX_CPU = ["torch-flex-attention-cpu-codegen"]
 # Upstream bugs of one architecture (known_issues: each names the models it hits): Gemma2 in 4.x.
 SOFTCAP = ["sdpa-ignores-attention-softcap"]
 GEMMA2_FLEX_FORWARD = ["gemma2-flex-mask-as-tensor"]
+# GPT-Neo and GPT-2 with flash_attention_2 (one window ignored, a 4D slice of a 2D mask, is_causal dropped with a mask).
+FLASH = ["gptneo-flash-attention-ignores-local-window", "gptneo-flash-attention-4d-mask-slice", "gpt2-flash-attention-not-causal-with-mask"]
 LONG_TOKENS = {"cpu": 384, "cuda": 2048}
 
 
@@ -29,7 +31,7 @@ def _batch(case, runner):
     return ids, mask
 
 
-@pytest.mark.llmopt(attention=CANDIDATES, reference=TO_EAGER, known_issues=[*SOFTCAP, *GEMMA2_FLEX_FORWARD])
+@pytest.mark.llmopt(attention=CANDIDATES, reference=TO_EAGER, known_issues=[*SOFTCAP, *GEMMA2_FLEX_FORWARD, *FLASH])
 def test_logits_match_eager(llmopt_case):
     """One forward pass over a left-padded batch: logits at every real position match eager's."""
     case = llmopt_case
@@ -38,7 +40,7 @@ def test_logits_match_eager(llmopt_case):
     case.check_logits(reference.forward_logits(ids, mask), target.forward_logits(ids, mask), ids, mask, what="padded batch")
 
 
-@pytest.mark.llmopt(attention=CANDIDATES, reference=TO_EAGER, known_issues=[*FLEX_CPU, "torch-flex-attention-cpu-decode", *SOFTCAP, *GEMMA2_FLEX_FORWARD])
+@pytest.mark.llmopt(attention=CANDIDATES, reference=TO_EAGER, known_issues=[*FLEX_CPU, "torch-flex-attention-cpu-decode", *SOFTCAP, *GEMMA2_FLEX_FORWARD, *FLASH])
 def test_single_prompt_matches_eager(llmopt_case):
     """Each prompt alone (no padding, so no mask: the case every SDPA kernel, flash included, supports):
     logits of the prompt and the greedy continuation match eager's."""
@@ -54,7 +56,7 @@ def test_single_prompt_matches_eager(llmopt_case):
         )
 
 
-@pytest.mark.llmopt(attention=CANDIDATES, reference=TO_EAGER, known_issues=[*FLEX_CPU, "torch-flex-attention-cpu-decode", *SOFTCAP, "gemma2-flex-4d-mask-in-generate"])
+@pytest.mark.llmopt(attention=CANDIDATES, reference=TO_EAGER, known_issues=[*FLEX_CPU, "torch-flex-attention-cpu-decode", *SOFTCAP, "gemma2-flex-4d-mask-in-generate", *FLASH])
 def test_generation_matches_eager(llmopt_case):
     """Greedy generation of a left-padded batch equals eager's, up to near-ties."""
     case = llmopt_case
@@ -63,7 +65,7 @@ def test_generation_matches_eager(llmopt_case):
     case.check_greedy(reference.generate(ids, mask, case.new_tokens), target.generate(ids, mask, case.new_tokens))
 
 
-@pytest.mark.llmopt(attention=CANDIDATES, reference=TO_EAGER, known_issues=[*FLEX_CPU, *SOFTCAP, *GEMMA2_FLEX_FORWARD])
+@pytest.mark.llmopt(attention=CANDIDATES, reference=TO_EAGER, known_issues=[*FLEX_CPU, *SOFTCAP, *GEMMA2_FLEX_FORWARD, *FLASH])
 def test_long_prompt_matches_eager(llmopt_case):
     """A long prompt next to a shorter one (so, padded): logits and generation match eager's."""
     case = llmopt_case

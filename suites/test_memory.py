@@ -47,7 +47,7 @@ def _prefill_peak(runner, ids, mask) -> tuple[int, int]:
 
 
 @pytest.mark.llmopt(
-    attention=["sdpa", "flash_attention_2"], reference={"attention": "eager"}
+    attention=["sdpa", "flash_attention_2"], reference={"attention": "eager"}, known_issues=["gptneo-flash-attention-4d-mask-slice"]
 )
 def test_attention_peak_not_above_eager(llmopt_case):
     """A long prompt's prefill: SDPA / flash attention allocate no more at peak than eager attention."""

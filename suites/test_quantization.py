@@ -166,7 +166,7 @@ def test_auto_compile(llmopt_case):
 
 
 @pytest.mark.llmopt(
-    quant="int8", attention=["sdpa", "flash_attention_2"], reference=TO_UNQUANTIZED
+    quant="int8", attention=["sdpa", "flash_attention_2"], reference=TO_UNQUANTIZED, known_issues=["gptneo-flash-attention-4d-mask-slice"]
 )
 def test_int8_with_attention(llmopt_case):
     """The guide's combined case: 8-bit weights with SDPA or flash_attention_2 in the compute dtype,

@@ -74,6 +74,19 @@ def test_store_loads_once_and_switches_attention_in_place():
     assert first.model is again.model and again.model.config._attn_implementation == "eager"
 
 
+def test_store_loads_a_class_that_cannot_switch_once_per_attention(monkeypatch):
+    """A class without the attention interface refuses to switch (5.10's GPT-Neo to flash_attention_2): the store
+    loads it again with that attention, from then on once per implementation, instead of failing the check."""
+    store = ModelStore("cpu", "float32", 0, False)
+    spec = ModelSpec("tiny-llama", "builtin")
+    real = compat.set_attention
+    monkeypatch.setattr(compat, "set_attention", lambda model, name: model.config._attn_implementation == name and real(model, name))
+    first = store.load(spec, "sdpa")
+    other = store.load(spec, "eager")
+    assert other.model is not first.model and other.model.config._attn_implementation == "eager"
+    assert store.load(spec, "sdpa").model is first.model and store.load(spec, "eager").model is other.model
+
+
 def test_shapes_build_on_the_meta_device_with_the_right_size():
     config = zoo.builtin_config("llama-1b-shape")
     with torch.device("meta"):
