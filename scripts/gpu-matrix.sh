@@ -6,13 +6,8 @@ set -uo pipefail
 out=${OUT:-gpu-results}
 seconds=$1 model=$2
 shift 2
-mkdir -p "$out" /tmp/site
-shopt -s nullglob
-if [[ ! -f /tmp/site/.llmopt-ready ]]; then
-    for site in .gpu/*.txz; do tar xJf "$site" -C /tmp/site || exit 1; done
-    python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null || exit 1
-    touch /tmp/site/.llmopt-ready
-fi
+mkdir -p "$out"
+source "$(dirname "$0")/gpu-site.sh"
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader

@@ -9,13 +9,8 @@ set -uo pipefail
 out=${OUT:-gpu-results}
 rel=$1 seconds=$2
 shift 2
-mkdir -p "$out" /tmp/site
-shopt -s nullglob
-if [[ ! -f /tmp/site/.llmopt-ready ]]; then
-    for site in .gpu/*.txz; do tar xJf "$site" -C /tmp/site || exit 1; done
-    python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null || exit 1
-    touch /tmp/site/.llmopt-ready
-fi
+mkdir -p "$out"
+source "$(dirname "$0")/gpu-site.sh"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "/tmp/tf-$rel" .whl/"$rel"/*.whl >/dev/null || exit 1
 export PYTHONPATH=/tmp/tf-$rel:/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 python3 -c 'import torch, transformers, tokenizers; print("torch", torch.__version__, "transformers", transformers.__version__, "tokenizers", tokenizers.__version__, torch.cuda.get_device_name())' > "$out/$rel-stack.txt" 2>&1
