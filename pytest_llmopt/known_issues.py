@@ -48,7 +48,7 @@ def _sdpa_drops_softcap() -> bool:
     """transformers' SDPA attention takes ``softcap`` in its kwargs and never applies it (4.48+ attention
     interface; seen in 4.52), nor does 4.46-4.47's own ``Gemma2SdpaAttention``; Gemma2 declared
     ``_supports_sdpa`` all the same until 5.x stopped declaring it."""
-    source = _gemma2_code("Gemma2SdpaAttention.forward")
+    source = _model_code("gemma2", "Gemma2SdpaAttention.forward")
     if not source:
         try:
             from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -58,14 +58,21 @@ def _sdpa_drops_softcap() -> bool:
     return bool(source) and "softcap" not in source
 
 
-def _gemma2_code(name: str) -> str:
-    """Source of ``Class.method`` in the installed Gemma2 modeling file ("" where there is none)."""
+def _model_code(module: str, name: str) -> str:
+    """Source of ``Class.method`` in an installed modeling file, e.g. ("gpt_neo", "GPTNeoFlashAttention2.forward")
+    ("" where there is none)."""
+    import importlib
+
     try:
-        from transformers.models.gemma2 import modeling_gemma2 as gemma2
+        modeling = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
     except ImportError:
         return ""
     cls, _, method = name.partition(".")
-    return _source(getattr(getattr(gemma2, cls, None), method, None))
+    return _source(getattr(getattr(modeling, cls, None), method, None))
+
+
+def _is_type(model_type: str) -> Callable[[Any], bool]:
+    return lambda config: getattr(_text_config(config), "model_type", "") == model_type
 
 
 def _cache_class(name: str) -> Any:
@@ -83,7 +90,7 @@ def _gemma2_source(name: str) -> str:
         return ""
     if not getattr(gemma2.Gemma2PreTrainedModel, "_supports_flex_attn", False):
         return ""
-    return _gemma2_code(name)
+    return _model_code("gemma2", name)
 
 
 def _has_sliding_layers(config: Any) -> bool:
@@ -96,10 +103,6 @@ def transformers_major() -> int:
     import transformers
 
     return int(transformers.__version__.split(".")[0])
-
-
-def _is_gemma2(config: Any) -> bool:
-    return getattr(_text_config(config), "model_type", "") == "gemma2"
 
 
 def _prompt_lookup_overruns_max_length() -> bool:
@@ -149,23 +152,6 @@ def _universal_draft_gets_target_inputs() -> bool:
     return hasattr(cg, "_prepare_position_ids") and "position_ids" not in source
 
 
-def _model_code(module: str, name: str) -> str:
-    """Source of ``Class.method`` in an installed modeling file, e.g. ("gpt_neo", "GPTNeoFlashAttention2.forward")
-    ("" where there is none)."""
-    import importlib
-
-    try:
-        modeling = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
-    except ImportError:
-        return ""
-    cls, _, method = name.partition(".")
-    return _source(getattr(getattr(modeling, cls, None), method, None))
-
-
-def _is_type(model_type: str) -> Callable[[Any], bool]:
-    return lambda config: getattr(_text_config(config), "model_type", "") == model_type
-
-
 def _dynamic_cache_counts_in_an_int() -> bool:
     """4.x: the DynamicCache is an ``nn.Module`` that counts its tokens in a Python int attribute
     (``_seen_tokens``), which dynamo specializes on: a compiled forward recompiles at every token."""
@@ -203,8 +189,8 @@ KNOWN_ISSUES: tuple[KnownIssue, ...] = (
     ),
     KnownIssue(
         id="gemma2-decode-window-mask-misaligned",
-        hits=_is_gemma2,
-        present=lambda: "attention_mask[:, :, :, -self.sliding_window :]" in _gemma2_code("Gemma2DecoderLayer.forward"),
+        hits=_is_type("gemma2"),
+        present=lambda: "attention_mask[:, :, :, -self.sliding_window :]" in _model_code("gemma2", "Gemma2DecoderLayer.forward"),
         raises="_pytest.outcomes.Failed",
         reason="known issue (transformers 4.46-4.47 Gemma2, fixed in 4.48 by an offset): at a decode step a sliding "
         "layer reads the last sliding_window columns of the cache-long mask, not the columns of the keys it holds, so a "
@@ -224,7 +210,7 @@ KNOWN_ISSUES: tuple[KnownIssue, ...] = (
     KnownIssue(
         id="gemma2-flex-mask-as-tensor",
         applies=lambda cache, attention, device: attention == "flex_attention",
-        hits=_is_gemma2,
+        hits=_is_type("gemma2"),
         present=lambda: "torch.finfo(attention_mask.dtype)" in _gemma2_source("Gemma2DecoderLayer.forward"),
         raises="AttributeError",
         reason="known issue (transformers 4.x Gemma2): a sliding-window layer cuts flex_attention's BlockMask to "
@@ -233,7 +219,7 @@ KNOWN_ISSUES: tuple[KnownIssue, ...] = (
     KnownIssue(
         id="gemma2-flex-4d-mask-in-generate",
         applies=lambda cache, attention, device: attention == "flex_attention",
-        hits=_is_gemma2,
+        hits=_is_type("gemma2"),
         present=lambda: 'not self.config._attn_implementation == "flash_attention_2"'
         in _gemma2_source("Gemma2ForCausalLM.prepare_inputs_for_generation"),
         raises="ValueError",
@@ -244,8 +230,7 @@ KNOWN_ISSUES: tuple[KnownIssue, ...] = (
         id="gptneo-flash-attention-ignores-local-window",
         applies=lambda cache, attention, device: attention == "flash_attention_2",
         hits=lambda config: "local" in (getattr(_text_config(config), "attention_layers", None) or ()),
-        present=lambda: bool(_model_code("gpt_neo", "GPTNeoFlashAttention2.forward"))
-        and "window" not in _model_code("gpt_neo", "GPTNeoFlashAttention2.forward"),
+        present=lambda: (lambda code: bool(code) and "window" not in code)(_model_code("gpt_neo", "GPTNeoFlashAttention2.forward")),
         raises="_pytest.outcomes.Failed",
         reason="known issue (transformers GPT-Neo, every release 4.46-5.24): GPTNeoFlashAttention2 hands flash-attn no "
         "window, so a local layer attends to every earlier token where eager masks all but the last window_size "

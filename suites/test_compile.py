@@ -21,6 +21,7 @@ from pytest_llmopt.instrumentation import compiled_forward, count_compiled_calls
 from pytest_llmopt.measure import cache_layout, watch_compiles
 
 TO_EAGER = {"cache": "dynamic", "compile": "off"}
+WARMUP_GRAPHS = 2  # a decode graph, and at most one more (e.g. the first decode step's mask shape)
 
 
 @pytest.fixture(autouse=True)
@@ -32,7 +33,6 @@ def _fresh_dynamo():
     import torch._dynamo
 
     torch._dynamo.reset()
-WARMUP_GRAPHS = 2  # a decode graph, and at most one more (e.g. the first decode step's mask shape)
 
 
 @pytest.mark.llmopt(cache="static", compile="auto", reference=TO_EAGER)
