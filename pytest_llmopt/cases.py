@@ -280,18 +280,25 @@ class Case:
         two part at a near-tie, the candidate is replayed teacher-forced (equivalence.compare_greedy).
 
         ``plain``: the runner that made ``reference`` when it is not this case's reference (e.g. a quantized
-        model). Keeps the worst figures seen in this test for the report.
+        model). Lists of generations (one prompt each) get one verdict over all their positions (equivalence.stack).
+        Keeps the worst figures seen in this test for the report.
         """
-        from .equivalence import FLOOR_FACTOR, compare_greedy
+        from .equivalence import FLOOR_FACTOR, compare_greedy, stack
+        from .instrumentation import uncounted
 
+        pairs = list(zip(*(list(x) if isinstance(x, (list, tuple)) else [x] for x in (reference, candidate))))
+        pairs = [p for p in pairs if p[0].new_tokens.shape != p[1].new_tokens.shape][:1] or pairs  # a length mismatch alone
         runner = plain or self.runner(self.param.reference)
         precise = self.precise(runner)
-        forced = None
-        if not bool((reference.new_tokens == candidate.new_tokens).all()) and candidate.replay is not None:
-            from .instrumentation import uncounted
-
-            with self.explain("teacher-forced replay"), uncounted():
-                forced = candidate.replay(reference.new_tokens)
+        replays = []  # each candidate on its reference's tokens: itself where they agree, else replayed
+        for ref, cand in pairs:
+            if ref.new_tokens.shape == cand.new_tokens.shape and bool((ref.new_tokens == cand.new_tokens).all()):
+                replays.append(cand)
+            elif cand.replay is not None and ref.new_tokens.shape == cand.new_tokens.shape:
+                with self.explain("teacher-forced replay"), uncounted():
+                    replays.append(cand.replay(ref.new_tokens))
+        reference, candidate = stack([p[0] for p in pairs]), stack([p[1] for p in pairs])
+        forced = stack(replays) if len(replays) == len(pairs) else None
         verdict = compare_greedy(
             reference,
             candidate,

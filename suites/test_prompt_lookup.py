@@ -55,17 +55,17 @@ def test_greedy_matches_plain_greedy(llmopt_case):
     copies from; drafts must be proposed, and accepted, or the path is not exercised."""
     case = llmopt_case
     reference, target = case.reference, case.target
-    inputs = [(*target.encode(p.text), f"prompt {p.name!r}") for p in grounded(case.prompts)]
+    inputs = [target.encode(p.text) for p in grounded(case.prompts)]
     copying = copying_prompt(case, reference)
     if copying is not None:
-        inputs.append((copying[0], torch.ones_like(copying[0]), f"copying prompt ({copying[1]})"))
+        inputs.append((copying[0], torch.ones_like(copying[0])))
+    plain, got = [], []
     with track_drafts() as drafts:
-        for ids, mask, what in inputs:
-            case.check_greedy(
-                reference.generate(ids, mask, case.new_tokens),
-                target.generate(ids, mask, case.new_tokens, **LOOKUP),
-                what=f"prompt lookup, {what}",
-            )
+        for ids, mask in inputs:
+            plain.append(reference.generate(ids, mask, case.new_tokens))
+            got.append(target.generate(ids, mask, case.new_tokens, **LOOKUP))
+        what = "the grounded ones" + (f", and the copying one: {copying[1]}" if copying else "")
+        case.check_greedy(plain, got, what=f"prompt lookup, each prompt alone ({what})")
     case.record(**drafts.figures())
     assert drafts.proposed > 0, (
         f"{case.label}: prompt lookup proposed no draft token on grounded prompts, so nothing was verified "

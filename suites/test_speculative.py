@@ -39,14 +39,13 @@ def _greedy_with(case, runner, what, both=None, **extra):
     the draft statistics."""
     reference = case.reference
     both = both or {}
+    plain, got = [], []
     with track_drafts() as drafts:
         for prompt in case.prompts:
             ids, mask = runner.encode(prompt.text)
-            case.check_greedy(
-                reference.generate(ids, mask, case.new_tokens, **both),
-                runner.generate(ids, mask, case.new_tokens, **both, **extra),
-                what=f"{what}, prompt {prompt.name!r}",
-            )
+            plain.append(reference.generate(ids, mask, case.new_tokens, **both))
+            got.append(runner.generate(ids, mask, case.new_tokens, **both, **extra))
+        case.check_greedy(plain, got, what=f"{what}, each prompt alone")
     case.record(**drafts.figures())
     assert drafts.proposed > 0, f"{case.label}: the {what} proposed no draft token, so nothing was verified"
     return drafts
@@ -101,17 +100,20 @@ def test_draft_agreeing_for_k_tokens_has_k_accepted(llmopt_case):
     reference, target = case.reference, case.target
     if case.new_tokens <= AGREE + 1:
         outcomes.not_run(f"needs more than {AGREE + 1} new tokens (--llmopt-new-tokens)")
-    accepted = []
+    plain, got, counts = [], [], []
     for prompt in case.prompts:
         ids, mask = target.encode(prompt.text)
         with track_drafts() as drafts, case.explain(f"agreeing draft, prompt {prompt.name!r}"):
-            candidate = target.generate(ids, mask, case.new_tokens, assistant_model=assistants.agreeing_for(target.model, AGREE, ids.shape[1]))
-        case.check_greedy(reference.generate(ids, mask, case.new_tokens), candidate, what=f"draft agreeing for {AGREE} tokens, prompt {prompt.name!r}")
-        accepted.append(drafts.accepted)
-        exact = case.dtype == "float32"
-        assert drafts.accepted == AGREE if exact else drafts.accepted <= AGREE, (
-            f"{case.label} (prompt {prompt.name!r}): a draft that agrees with the target for exactly {AGREE} new tokens had "
-            f"{drafts.accepted} of {drafts.proposed} draft tokens accepted ({'exactly' if exact else 'at most'} {AGREE} expected): "
+            got.append(target.generate(ids, mask, case.new_tokens, assistant_model=assistants.agreeing_for(target.model, AGREE, ids.shape[1])))
+        plain.append(reference.generate(ids, mask, case.new_tokens))
+        counts.append((prompt.name, drafts.accepted, drafts.proposed))
+    case.check_greedy(plain, got, what=f"draft agreeing for {AGREE} tokens, each prompt alone")
+    accepted = [count for _, count, _ in counts]
+    exact = case.dtype == "float32"
+    for name, count, proposed in counts:
+        assert count == AGREE if exact else count <= AGREE, (
+            f"{case.label} (prompt {name!r}): a draft that agrees with the target for exactly {AGREE} new tokens had "
+            f"{count} of {proposed} draft tokens accepted ({'exactly' if exact else 'at most'} {AGREE} expected): "
             "the acceptance rule counts matches wrongly"
         )
     case.record(accepted_tokens=sum(accepted), expected_accepted=AGREE * len(accepted))

@@ -20,12 +20,13 @@ def test_matches_dynamic(llmopt_case):
     """Each prompt alone (batch 1): static-cache tokens equal dynamic-cache tokens, up to near-ties."""
     case = llmopt_case
     reference, target = case.reference, case.target
+    plain, got = [], []
     for prompt in case.prompts:
         ids, mask = reference.encode(prompt.text)
-        what = f"prompt {prompt.name!r}"
-        with case.explain(what):
-            candidate = target.generate(ids, mask, case.new_tokens)
-        case.check_greedy(reference.generate(ids, mask, case.new_tokens), candidate, what=what)
+        with case.explain(f"prompt {prompt.name!r}"):
+            got.append(target.generate(ids, mask, case.new_tokens))
+        plain.append(reference.generate(ids, mask, case.new_tokens))
+    case.check_greedy(plain, got, what="each prompt alone")
 
 
 @pytest.mark.llmopt(cache=["static", "static-object"], reference=TO_DYNAMIC)
@@ -47,12 +48,13 @@ def test_second_prompt_gets_its_own_answer(llmopt_case):
     reference, target = case.reference, case.target
     texts = sorted((p.text for p in case.prompts), key=len, reverse=True)
     order = [texts[0], texts[-1], texts[0]] if len(texts) > 1 else [texts[0], texts[0]]
+    plain, got = [], []
     for number, text in enumerate(order):
         ids, mask = reference.encode(text)
-        what = f"call {number + 1} of {len(order)}"
-        with case.explain(what):
-            candidate = target.generate(ids, mask, case.new_tokens)
-        case.check_greedy(reference.generate(ids, mask, case.new_tokens), candidate, what=what)
+        with case.explain(f"call {number + 1} of {len(order)}"):
+            got.append(target.generate(ids, mask, case.new_tokens))
+        plain.append(reference.generate(ids, mask, case.new_tokens))
+    case.check_greedy(plain, got, what=f"{len(order)} calls: long, short, long prompt")
 
 
 @pytest.mark.llmopt(cache="static-object", reference=TO_DYNAMIC)
@@ -64,12 +66,13 @@ def test_reused_cache_object_after_reset(llmopt_case):
     encoded = [reference.encode(p.text) for p in case.prompts]
     longest = max(ids.shape[1] for ids, _ in encoded)
     cache = compat.make_static_cache(target.model, 1, longest + case.new_tokens)
+    plain, got = [], []
     for prompt, (ids, mask) in zip(case.prompts, encoded):
         _reset(case, cache)
-        what = f"prompt {prompt.name!r} on the reused cache"
-        with case.explain(what):
-            candidate = target.generate(ids, mask, case.new_tokens, cache_object=cache)
-        case.check_greedy(reference.generate(ids, mask, case.new_tokens), candidate, what=what)
+        with case.explain(f"prompt {prompt.name!r} on the reused cache"):
+            got.append(target.generate(ids, mask, case.new_tokens, cache_object=cache))
+        plain.append(reference.generate(ids, mask, case.new_tokens))
+    case.check_greedy(plain, got, what="each prompt on the reused cache")
 
 
 @pytest.mark.llmopt(cache="static-object", reference=TO_DYNAMIC)
@@ -80,12 +83,13 @@ def test_hand_written_decode_loop(llmopt_case):
     encoded = [reference.encode(p.text) for p in case.prompts]
     longest = max(ids.shape[1] for ids, _ in encoded)
     cache = compat.make_static_cache(target.model, 1, longest + case.new_tokens)
+    plain, got = [], []
     for prompt, (ids, mask) in zip(case.prompts, encoded):
         _reset(case, cache)
-        what = f"prompt {prompt.name!r}, hand-written loop on the reused cache"
-        with case.explain(what):
-            candidate = target.decode_loop(ids, case.new_tokens, cache=cache)
-        case.check_greedy(reference.generate(ids, mask, case.new_tokens), candidate, what=what)
+        with case.explain(f"prompt {prompt.name!r}, hand-written loop on the reused cache"):
+            got.append(target.decode_loop(ids, case.new_tokens, cache=cache))
+        plain.append(reference.generate(ids, mask, case.new_tokens))
+    case.check_greedy(plain, got, what="each prompt, hand-written loop on the reused cache")
 
 
 @pytest.mark.llmopt(cache="static", reference=TO_DYNAMIC)

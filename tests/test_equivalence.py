@@ -13,6 +13,7 @@ from pytest_llmopt.equivalence import (
     compare_greedy,
     compare_logits,
     error_stats,
+    stack,
 )
 
 VOCAB = 8
@@ -160,6 +161,49 @@ def test_missing_logits_fail():
     plain = Generation(prompt, torch.tensor([[0, 1, 2, 3]]), None)
     verdict = compare_greedy(plain, plain, _precise(2), Chars(), factor=FACTOR)
     assert not verdict.ok and "recorded no logits" in verdict.message
+
+
+def test_stack_pools_prompts_of_different_lengths_as_a_left_padded_batch():
+    a = Generation(torch.tensor([[5, 6, 7]]), torch.tensor([[5, 6, 7, 1, 2]]), torch.ones(1, 2, VOCAB), suppressed=(3,))
+    b = Generation(torch.tensor([[4]]), torch.tensor([[4, 2, 1]]), 2 * torch.ones(1, 2, VOCAB), suppressed=(0,))
+    pooled = stack([a, b])
+    assert pooled.prompt_ids.tolist() == [[5, 6, 7], [0, 0, 4]]
+    assert pooled.attention_mask is not None and pooled.attention_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert pooled.new_tokens.tolist() == [[1, 2], [2, 1]] and pooled.suppressed == (0, 3)
+    assert pooled.logits is not None and pooled.logits[:, 0, 0].tolist() == [1.0, 2.0]
+    assert pooled.row(1).sequences.tolist() == [[4, 2, 1]]  # each row is its prompt alone again
+    assert stack([a]) is a
+
+
+def test_stack_replays_each_prompt_on_its_own_row():
+    calls = []
+
+    def replay_of(prompt: int):
+        def replay(tokens: torch.Tensor) -> Generation:
+            calls.append((prompt, tokens.tolist()))
+            return Generation(torch.tensor([[prompt]]), torch.cat([torch.tensor([[prompt]]), tokens], 1), torch.zeros(1, 2, VOCAB))
+        return replay
+
+    a = Generation(torch.tensor([[5]]), torch.tensor([[5, 1, 2]]), torch.zeros(1, 2, VOCAB), replay=replay_of(5))
+    b = Generation(torch.tensor([[6]]), torch.tensor([[6, 3, 4]]), torch.zeros(1, 2, VOCAB), replay=replay_of(6))
+    forced = stack([a, b]).replay(torch.tensor([[7, 7], [8, 8]]))  # type: ignore[misc]
+    assert calls == [(5, [[7, 7]]), (6, [[8, 8]])] and forced.new_tokens.tolist() == [[7, 7], [8, 8]]
+
+
+def test_a_pooled_verdict_sees_a_fault_in_one_prompt_and_not_a_lucky_floor():
+    """One prompt's plain path a lucky draw (its largest error small): judged alone, a correct candidate fails on
+    it; pooled with the others, it passes. A large error confined to one prompt still fails pooled."""
+    precise = [_precise(seed=s) for s in range(4)]
+    plain = [_noisy(p, 0.01 if i else 0.004, 10 + i) for i, p in enumerate(precise)]
+    cand = [_noisy(p, 0.01, 20 + i) for i, p in enumerate(precise)]
+    alone = _greedy(_generation(plain[0]), _generation(cand[0]), precise[0])
+    assert not alone.ok
+    pooled = _greedy(stack([_generation(x) for x in plain]), stack([_generation(x) for x in cand]), torch.cat(precise))
+    assert pooled.ok, pooled.message
+    broken = [c.clone() for c in cand]
+    broken[2][0, 4, 0] += 0.5
+    caught = _greedy(stack([_generation(x) for x in plain]), stack([_generation(x) for x in broken]), torch.cat(precise))
+    assert not caught.ok and "prompt 2" in caught.message
 
 
 def test_compare_logits_ignores_padding_and_fails_on_real_positions():

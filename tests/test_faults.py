@@ -105,7 +105,7 @@ FAULTS = {
         "test_consistency.py",
         "test_batch_rows_match_alone and dynamic and (eager or sdpa)",
         (),
-        ("*batch = alone: row * of the padded batch vs prompt * alone*logits left the rounding-noise floor*", "*2 failed*"),
+        ("*batch = alone: each row of the padded batch vs its prompt alone*logits left the rounding-noise floor*", "*2 failed*"),
     ),
     "continuation re-feeds a cached token": Fault(
         faults.restart_refeeds_last_cached_token,
@@ -126,7 +126,7 @@ FAULTS = {
         "test_prompt_lookup.py",
         "test_greedy_matches_plain_greedy and dynamic",
         (),
-        ("*prompt lookup, copying prompt*logits left the rounding-noise floor*",),
+        ("*prompt lookup, each prompt alone (the grounded ones, and the copying one: *logits left the rounding-noise floor*",),
     ),
     "last agreeing draft token rejected": Fault(
         faults.last_agreeing_draft_rejected,
