@@ -254,7 +254,7 @@ KNOWN_ISSUES: tuple[KnownIssue, ...] = (
         raises="_pytest.outcomes.Failed",
         reason="known issue (transformers 4.52-4.57 GPT-2): GPT2Attention passes is_causal=False whenever it has an "
         "attention mask, which flash attention honours while the mask it gets is the 2D padding mask, so the prompt "
-        "attends to later tokens (seen on the H100 under 4.57.6: |Δlogit| up to 10 on padded batches and single prompts)",
+        "attends to later tokens (seen on the H100 under 4.57.6: |Δlogit| up to 10 on padded batches; a prompt alone passes)",
     ),
     KnownIssue(
         id="dynamic-cache-int-recompiles",
