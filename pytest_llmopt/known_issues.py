@@ -184,7 +184,7 @@ KNOWN_ISSUES: tuple[KnownIssue, ...] = (
         hits=lambda config: getattr(_text_config(config), "attn_logit_softcapping", None) is not None,
         present=_sdpa_drops_softcap,
         raises="_pytest.outcomes.Failed",
-        reason="known issue (transformers 4.46-5.2x, seen in 4.52.4, 4.57.6, 5.10.4; 5.24's Gemma2 no longer declares SDPA): SDPA attention "
+        reason="known issue (transformers 4.46-5.2x, seen in 4.52.4, 4.57.6, 5.10.4, 5.20.2; 5.24's Gemma2 no longer declares SDPA): SDPA attention "
         "ignores the model's attn_logit_softcapping, so its logits differ from eager's, which caps",
     ),
     KnownIssue(
