@@ -280,21 +280,22 @@ class Case:
         two part at a near-tie, the candidate is replayed teacher-forced (equivalence.compare_greedy).
 
         ``plain``: the runner that made ``reference`` when it is not this case's reference (e.g. a quantized
-        model). Lists of generations (one prompt each) get one verdict over all their positions (equivalence.stack).
-        Keeps the worst figures seen in this test for the report.
-        """
+        model). Lists of generations (one prompt each) get one verdict over all their positions (equivalence.stack);
+        empty lists, none. Keeps the worst figures seen in this test for the report."""
         from .equivalence import FLOOR_FACTOR, compare_greedy, stack
         from .instrumentation import uncounted
 
         pairs = list(zip(*(list(x) if isinstance(x, (list, tuple)) else [x] for x in (reference, candidate))))
-        pairs = [p for p in pairs if p[0].new_tokens.shape != p[1].new_tokens.shape][:1] or pairs  # a length mismatch alone
+        mismatch = [p for p in pairs if p[0].new_tokens.shape != p[1].new_tokens.shape]
+        if not (pairs := mismatch[:1] or pairs):  # a length mismatch is judged alone (compare_greedy says so), with no replay
+            return None
         runner = plain or self.runner(self.param.reference)
         precise = self.precise(runner)
         replays = []  # each candidate on its reference's tokens: itself where they agree, else replayed
-        for ref, cand in pairs:
-            if ref.new_tokens.shape == cand.new_tokens.shape and bool((ref.new_tokens == cand.new_tokens).all()):
+        for ref, cand in [] if mismatch else pairs:
+            if bool((ref.new_tokens == cand.new_tokens).all()):
                 replays.append(cand)
-            elif cand.replay is not None and ref.new_tokens.shape == cand.new_tokens.shape:
+            elif cand.replay is not None:
                 with self.explain("teacher-forced replay"), uncounted():
                     replays.append(cand.replay(ref.new_tokens))
         reference, candidate = stack([p[0] for p in pairs]), stack([p[1] for p in pairs])

@@ -142,7 +142,6 @@ class Generation:
         return Generation(prompt, sequences, logits, None, replay, self.suppressed, scores)
 
 
-
 def stack(generations: Sequence[Generation]) -> Generation:
     """Generations of one prompt each (as many new tokens each) as one left-padded batch, so that one verdict
     judges all their positions, as a batched check pools its rows (the batches FLOOR_FACTOR was measured on).
@@ -169,6 +168,7 @@ def stack(generations: Sequence[Generation]) -> Generation:
 
     suppressed = tuple(sorted(set().union(*(g.suppressed for g in generations))))
     return Generation(prompts, sequences, logits, mask, replay, suppressed, scores)
+
 
 @dataclass
 class FloorVerdict:
