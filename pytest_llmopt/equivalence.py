@@ -155,8 +155,8 @@ def stack(generations: Sequence[Generation]) -> Generation:
     prompts = torch.zeros(len(rows), width, dtype=rows[0].prompt_ids.dtype)
     mask = torch.zeros(len(rows), width, dtype=torch.long)
     for index, r in enumerate(rows):
-        prompts[index, width - r.prompt_ids.shape[1] :] = r.prompt_ids[0]
-        mask[index, width - r.prompt_ids.shape[1] :] = 1
+        start = width - r.prompt_ids.shape[1]
+        prompts[index, start:], mask[index, start:] = r.prompt_ids[0], 1
     sequences = torch.cat([prompts, torch.cat([r.new_tokens.to(prompts.dtype) for r in rows])], dim=1)
     logits = None if any(r.logits is None for r in rows) else torch.cat([r.logits for r in rows])  # type: ignore[misc]
     scores = None if any(r.scores is None for r in rows) else torch.cat([r.scores for r in rows])  # type: ignore[misc]

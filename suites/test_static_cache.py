@@ -54,7 +54,7 @@ def test_second_prompt_gets_its_own_answer(llmopt_case):
         with case.explain(f"call {number + 1} of {len(order)}"):
             got.append(target.generate(ids, mask, case.new_tokens))
         plain.append(reference.generate(ids, mask, case.new_tokens))
-    case.check_greedy(plain, got, what=f"{len(order)} calls: long, short, long prompt")
+    case.check_greedy(plain, got, what=f"{len(order)} calls in turn")
 
 
 @pytest.mark.llmopt(cache="static-object", reference=TO_DYNAMIC)
