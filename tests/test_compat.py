@@ -149,6 +149,31 @@ def test_early_exit_probe(monkeypatch):
     assert not known_issues._early_exit_drops_first_iteration()
 
 
+def test_universal_draft_rollback_probe_reads_the_installed_code(monkeypatch):
+    _needs("AssistedCandidateGeneratorDifferentTokenizers")
+
+    def by_last_length(self, input_ids, num_extra_tokens_to_remove=0):  # 5.25: crops by the last candidates' length
+        return self._last_ids_length - input_ids.shape[-1] + num_extra_tokens_to_remove
+
+    def by_own_cache(self, input_ids, remove_from_pkv=0, num_added_tokens=1):  # 5.24: crops to the draft input's length
+        return input_ids.shape[-1] - 1 - remove_from_pkv - num_added_tokens
+
+    def target_length(self, input_ids):  # 5.25: the universal generator counts in the target's tokens
+        new_target_ids = input_ids
+        self._last_ids_length = (
+            input_ids.shape[-1] if self.prev_target_ids_len >= new_target_ids.shape[1] else new_target_ids.shape[-1]
+        )
+
+    def draft_length(self, input_ids, assistant_output=None):  # a fix: the draft's own sequence length
+        self._last_ids_length = assistant_output.sequences.shape[-1]
+
+    universal = cg.AssistedCandidateGeneratorDifferentTokenizers
+    for rollback, drafting, expected in ((by_last_length, target_length, True), (by_own_cache, target_length, False), (by_last_length, draft_length, False)):
+        monkeypatch.setattr(cg.AssistedCandidateGenerator, "_update_past_and_masks", rollback)
+        monkeypatch.setattr(universal, "get_candidates", drafting)
+        assert known_issues._universal_draft_cache_rolled_back_by_target_length() is expected, (rollback.__name__, drafting.__name__)
+
+
 def test_instance_overrides_nest_and_restore():
     """The reference and the target of a check share one model: counting compiled calls around both, and
     keeping the reference eager inside, must leave the model as it was (4.48 on CUDA lost the counter)."""
@@ -189,7 +214,7 @@ def test_every_known_issue_is_declared_by_a_suite() -> None:
     from conftest import SUITES
 
     text = "".join(path.read_text() for path in SUITES.glob("test_*.py"))
-    assert [issue.id for issue in known_issues.KNOWN_ISSUES if f'"{issue.id}"' not in text] == []
+    assert [issue.id for issue in known_issues.KNOWN_ISSUES if f'"{issue.id}"' not in text and f'"{issue.id}:' not in text] == []
 
 
 def test_a_known_issue_id_missing_from_the_registry_is_a_usage_error(pytester: pytest.Pytester, clean_env: pytest.MonkeyPatch) -> None:
@@ -392,3 +417,45 @@ def test_a_known_issue_raised_inside_a_step_keeps_its_xfail(pytester: pytest.Pyt
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "--llmopt-model=tiny-llama")
     result.assert_outcomes(xfailed=1, failed=1)
     result.stdout.fnmatch_lines(["*(generate): the optimized path raised KeyError*"])
+
+
+def test_flex_mask_probes_read_the_installed_code(monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import masking_utils
+
+    def mask_52(batch_size, cache_position, kv_length, kv_offset=0, mask_function=None, attention_mask=None):  # 4.57-5.2
+        if attention_mask is not None:
+            return padding_mask_function(attention_mask)  # noqa: F821 (only read as source)
+
+    def mask_513(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None):  # 5.5-5.13
+        if attention_mask is not None:
+            return padding_mask_function(attention_mask)  # noqa: F821
+
+    def mask_514(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None):  # 5.14+
+        if attention_mask is not None and not fast_all(attention_mask):  # noqa: F821
+            return padding_mask_function(attention_mask)  # noqa: F821
+
+    for build, offsets, pads_unpadded in ((mask_52, False, True), (mask_513, True, True), (mask_514, True, False)):
+        monkeypatch.setattr(masking_utils, "flex_attention_mask", build, raising=False)
+        assert known_issues._flex_mask_from_offsets() is offsets, build.__name__
+        assert known_issues._flex_mask_pads_unpadded() is pads_unpadded, build.__name__
+
+
+def test_a_check_without_padding_meets_a_mask_bug_only_where_its_mask_is_beyond_causal(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pytest_llmopt.zoo import builtin_config
+
+    codegen = "torch-flex-attention-cpu-codegen"
+    assert known_issues.unknown([f"{codegen}:unpadded"]) == []
+    assert known_issues.unknown([f"{codegen}:padded", "prompt-lookup-overruns-static-cache:unpadded"]) == sorted([f"{codegen}:padded", "prompt-lookup-overruns-static-cache:unpadded"])
+    monkeypatch.setattr(torch, "__version__", "2.13.0+cpu")
+    monkeypatch.setattr(known_issues, "_flex_mask_from_offsets", lambda: True)
+    llama, gemma2 = builtin_config("tiny-llama"), builtin_config("tiny-gemma2")
+
+    def declared(ids: list[str], config: object) -> list[str]:
+        return [i.id for i in known_issues.known_issues(ids, "dynamic", "flex_attention", "cpu", config)]
+
+    monkeypatch.setattr(known_issues, "_flex_mask_pads_unpadded", lambda: False)  # 5.14+: a prompt alone is causal only
+    assert declared([f"{codegen}:unpadded"], llama) == []
+    assert declared([f"{codegen}:unpadded"], gemma2) == [codegen]  # its sliding window is beyond causal
+    assert declared([codegen], llama) == [codegen]  # a padded check meets it on any model
+    monkeypatch.setattr(known_issues, "_flex_mask_pads_unpadded", lambda: True)  # 5.5-5.13: a padding term all the same
+    assert declared([f"{codegen}:unpadded"], llama) == [codegen]
