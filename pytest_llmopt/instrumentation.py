@@ -1,6 +1,6 @@
 """Instrumentation of transformers' generate(): proof that a path did its work (compiled forward calls,
-draft tokens proposed and accepted). The checks use these counters to refuse a pass earned by a path
-that never ran."""
+draft tokens proposed and accepted, the cache kind that really ran). The checks use these to refuse a pass
+earned by a path that never ran."""
 
 from __future__ import annotations
 
@@ -138,6 +138,61 @@ def track_drafts() -> Iterator[DraftStats]:
     finally:
         GenerationMixin._get_candidate_generator = original  # type: ignore[method-assign]
 
+
+
+# transformers' own words where it replaced what was asked for ("using a dynamic cache instead of a cache of type=
+# 'static'"). It logs them once per process (warning_once), so the first time is kept for every later check.
+_SAID: list[str] = []
+_SUBSTITUTION_WORDS = ("instead of", "will be ignored", "falling back")
+
+
+@contextlib.contextmanager
+def transformers_log() -> Iterator[list[str]]:
+    """What transformers logs at warning level meanwhile (its logging module, not Python's warnings)."""
+    import logging
+
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    handler = Keep(logging.WARNING)
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        yield seen
+    finally:
+        logger.removeHandler(handler)
+
+
+def is_static_cache(cache: Any) -> bool:
+    """A cache of fixed size: what ``cache_implementation="static"`` asks for (5.x StaticCache; 4.x also its
+    HybridCache and SlidingWindowCache, the static caches of sliding-window models)."""
+    from transformers import cache_utils
+
+    kinds = tuple(c for c in (getattr(cache_utils, n, None) for n in ("StaticCache", "HybridCache", "SlidingWindowCache", "HybridChunkedCache")) if isinstance(c, type))
+    return isinstance(cache, kinds)
+
+
+def cache_substitution(asked: str, handed: Any, out: Any, said: list[str]) -> str | None:
+    """Why the cache generate() ran is not the one ``asked`` for (the variant's cache kind; ``handed``: the cache
+    object given to it, if any), with transformers' words where it said any; None where it is. Read from what
+    generate() returns (``cache`` from 5.2x, ``past_key_values`` before)."""
+    _SAID.extend(m for m in said if any(w in m for w in _SUBSTITUTION_WORDS) and m not in _SAID)
+    if asked not in ("static", "static-object"):
+        return None
+    ran = next((c for c in (getattr(out, name, None) for name in ("cache", "past_key_values")) if c is not None), None)
+    if ran is None:
+        return None  # nothing returned (use_cache off, or a release that returns no cache): nothing to tell
+    if handed is not None and ran is handed:
+        return None
+    if handed is None and is_static_cache(ran):
+        return None
+    what = "the StaticCache object it was given" if handed is not None else "a static cache"
+    words = [m for m in _SAID if "cache" in m]
+    told = f"; transformers says: {' '.join(words)}" if words else " (transformers said nothing)"
+    return f"asked for {what}, generate() ran a {type(ran).__name__}{told}"
 
 
 class StateLeftBehindError(AssertionError):

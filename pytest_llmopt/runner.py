@@ -19,7 +19,7 @@ import torch
 
 from . import compat, hybrid, outcomes
 from .equivalence import Generation
-from .instrumentation import StateLeftBehindError, model_state, state_changes
+from .instrumentation import StateLeftBehindError, cache_substitution, model_state, state_changes, transformers_log
 from .machine import Machine
 from .models import Loaded, ModelSpec, ModelStore
 from .variants import Variant
@@ -129,7 +129,7 @@ class Runner:
             from transformers import LogitsProcessorList
 
             kwargs["logits_processor"] = LogitsProcessorList([ForceTokens(force.to(input_ids.device), input_ids.shape[1])])
-        with self.active() as model, self.refusals_skip():
+        with self.active() as model, self.refusals_skip(), transformers_log() as said:
             eager = compat.eager_generate(model) if self.variant.compile == "off" else contextlib.nullcontext()
             before = model_state(model)
             with eager:
@@ -137,6 +137,10 @@ class Runner:
             changed = state_changes(before, model_state(model))
             if changed:
                 raise StateLeftBehindError(f"no state left behind: generate() on {self.variant.id} left the model changed: {'; '.join(changed)}")
+        # A path transformers silently swapped for another never ran: the check must not pass on it.
+        substituted = cache_substitution(self.variant.cache, kwargs.get(compat.cache_keyword(self.model)), out, said)
+        if substituted is not None:
+            outcomes.unsupported(f"unsupported by transformers {compat.TRANSFORMERS}: {substituted}")
         logits = torch.stack(out.logits, dim=1).float().cpu() if out.logits else None
         mask = None if attention_mask is None else attention_mask.cpu()
 

@@ -332,3 +332,19 @@ def _patch_source(mp: pytest.MonkeyPatch, module: Any, owner: type, name: str, o
     namespace: dict[str, Any] = {}
     exec(compile(source.replace(old, new), f"<fault in {name}>", "exec"), vars(module).copy(), namespace)
     mp.setattr(owner, name, namespace[name])
+
+
+def static_cache_silently_dynamic(mp: pytest.MonkeyPatch) -> None:
+    """generate() asked for ``cache_implementation="static"`` runs a DynamicCache and only logs it, in 5.13's words
+    (where it did so for assisted decoding)."""
+    from transformers.generation import utils
+
+    original = utils.GenerationMixin._prepare_cache_for_generation
+
+    def prepare(self: Any, generation_config: Any, *args: Any, **kwargs: Any) -> Any:
+        if generation_config.cache_implementation == "static":
+            utils.logger.warning("An assistant model is provided, using a dynamic cache instead of a cache of type='static'.")
+            generation_config.cache_implementation = None
+        return original(self, generation_config, *args, **kwargs)
+
+    mp.setattr(utils.GenerationMixin, "_prepare_cache_for_generation", prepare)
