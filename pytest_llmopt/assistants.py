@@ -85,6 +85,9 @@ def agreeing_for(model: Any, tokens: int, prompt_length: int) -> Any:
     forward = draft.forward
     first_wrong = prompt_length + tokens  # index (in the whole sequence) of the first token to get wrong
 
+    # generate() reads forward's signature to decide which inputs to build (and whether to slice the ids its cache
+    # holds): a bare (*args, **kwargs) makes the draft re-run its whole input every round.
+    @functools.wraps(forward)
     def agreeing_forward(*args: Any, **kwargs: Any) -> Any:
         out = forward(*args, **kwargs)
         length = out.logits.shape[1]

@@ -48,3 +48,15 @@ def test_renumbered_twin_needs_a_bpe_tokenizers_tokenizer() -> None:
         pass
 
     assert assistants.renumbered_twin(model, Slow()) is None
+
+
+def test_drafts_that_wrap_forward_keep_its_signature() -> None:
+    """generate() reads forward's signature to build the draft's inputs and slice what its cache holds: a draft whose
+    forward hid it behind (*args, **kwargs) re-ran its whole input every round (on 5.25, whose relative cache
+    rollback keeps the duplicates, tiny-gptneo's draft passed its 1024 positions)."""
+    import inspect
+
+    model, tokenizer = _tiny("tiny-gptneo")
+    expected = inspect.signature(model.forward)
+    drafts = [assistants.agreeing_for(model, 3, 8), assistants.renumbered_twin(model, tokenizer)[0]]
+    assert [inspect.signature(d.forward) for d in drafts] == [expected, expected]
