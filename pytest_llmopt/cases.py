@@ -82,7 +82,7 @@ def params_for(session: LlmoptSession, marker: pytest.Mark) -> list[Any]:
             if skip:
                 marks.append(pytest.mark.skip(reason=skip[1]))
             param = CaseParam(spec, variant, reference, skip[0] if skip else None)
-            issues = known_issues.known_issues(marker.kwargs.get("known_issues", ()), variant.cache, variant.attention, machine.device_type, info.config)
+            issues = known_issues.known_issues(marker.kwargs.get("known_issues", ()), variant.cache, variant.attention, machine.device_type, info.config, variant.compile != "off")
             if issues and not skip:  # one xfail, limited to the exceptions these bugs raise
                 reason = "; ".join(issue.reason for issue in issues)
                 raises = tuple(known_issues.exception_class(issue.raises) for issue in issues)

@@ -36,6 +36,7 @@ class KnownIssue:
     # For a bug that needs a mask beyond causal: whether a prompt without padding meets it on this model and release
     # (a sliding window, a padding term added to a mask that pads nothing). Read where a check declares "ID:unpadded".
     unpadded: Callable[[Any], bool] | None = None
+    compiled_only: bool = False  # a bug of code generate()'s auto-compile generates: variants that compile only
 
 
 UNPADDED = "unpadded"  # the qualifier of a declaration by a check whose prompts have no padding
@@ -224,11 +225,13 @@ KNOWN_ISSUES: tuple[KnownIssue, ...] = (
         applies=lambda cache, attention, device: attention == "flex_attention" and device == "cpu",
         # with 5.5+'s masks the codegen failure above comes first
         present=lambda: torch.__version__.startswith("2.13.") and not _flex_mask_from_offsets(),
+        compiled_only=True,
         raises="_pytest.outcomes.Failed",
-        reason="known issue: torch 2.13's compiled flex_attention CPU decode step (one query against the cache) gives "
-        "wrong logits on 4.57's padded masks from a later step (|Δlogit| 4.3 at new token 11 in a full sweep; the same masks "
-        "through torch's uncompiled flex_attention are right), not reproduced by a run of the flex checks alone (4.57.6, "
-        "5.0.0, 5.2.0 pass); with 5.5+'s masks the codegen failure comes first",
+        reason="known issue: torch 2.13's CPU flex_attention decode step, compiled inside generate()'s auto-compiled forward, "
+        "gives wrong logits on 4.57's padded masks from a later step (|Δlogit| 4.3 at new token 11; the same masks through "
+        "torch's uncompiled flex_attention are right). Seen in full sessions only (4.57.6: static-object + auto-compile on "
+        "tiny-qwen2 and tiny-gemma2; a run of the flex checks alone passes), so which compiled variant meets it depends on "
+        "what the session compiled before; with 5.5+'s masks the codegen failure comes first",
     ),
     KnownIssue(
         id="sdpa-ignores-attention-softcap",
@@ -377,8 +380,9 @@ def unknown(ids: Iterable[str]) -> list[str]:
     return sorted(bad)
 
 
-def known_issues(ids: Iterable[str], cache: str, attention: str, device_type: str, config: Any = None) -> list[KnownIssue]:
-    """The test's declared issues that apply to this variant and model and are present in the installed code."""
+def known_issues(ids: Iterable[str], cache: str, attention: str, device_type: str, config: Any = None, compiled: bool = False) -> list[KnownIssue]:
+    """The test's declared issues that apply to this variant (``compiled``: it compiles generate()'s forward) and model
+    and are present in the installed code."""
     found = []
     for declared in ids:
         name, _, qualifier = declared.partition(":")
@@ -386,7 +390,7 @@ def known_issues(ids: Iterable[str], cache: str, attention: str, device_type: st
         probe = issue.unpadded if qualifier == UNPADDED else None
         if config is not None and not (issue.hits(config) and (probe is None or probe(config))):
             continue
-        if issue.applies(cache, attention, device_type) and issue.present():
+        if issue.applies(cache, attention, device_type) and (compiled or not issue.compiled_only) and issue.present():
             found.append(issue)
     return found
 

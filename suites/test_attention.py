@@ -58,7 +58,7 @@ def test_single_prompt_matches_eager(llmopt_case):
     case.check_greedy(plain, got, what="each prompt alone")
 
 
-@pytest.mark.llmopt(attention=CANDIDATES, reference=TO_EAGER, known_issues=[*FLEX_CPU, "torch-flex-attention-cpu-decode", *SOFTCAP, "gemma2-flex-4d-mask-in-generate", *FLASH])
+@pytest.mark.llmopt(attention=CANDIDATES, reference=TO_EAGER, known_issues=[*FLEX_CPU, *SOFTCAP, "gemma2-flex-4d-mask-in-generate", *FLASH])
 def test_generation_matches_eager(llmopt_case):
     """Greedy generation of a left-padded batch equals eager's, up to near-ties."""
     case = llmopt_case

@@ -24,7 +24,7 @@ from pytest_llmopt import assistants, compat, outcomes
 from pytest_llmopt.prompts import LOOKUP
 
 ATTENTIONS = ["eager", "sdpa", "flash_attention_2", "flex_attention"]
-FLEX = ["torch-flex-attention-cpu-codegen", "torch-flex-attention-cpu-decode"]
+FLEX = ["torch-flex-attention-cpu-codegen"]  # the decode-logits issue needs a compiled forward: test_combined
 # 4.x Gemma2: SDPA without its soft-capping, and a decode-step window mask that lets a padded row see its padding
 GEMMA2_4X = ["sdpa-ignores-attention-softcap", "gemma2-decode-window-mask-misaligned"]
 PLAIN = {"cache": "dynamic", "compile": "off"}  # the attention stays the model's default

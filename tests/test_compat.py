@@ -459,3 +459,14 @@ def test_a_check_without_padding_meets_a_mask_bug_only_where_its_mask_is_beyond_
     assert declared([codegen], llama) == [codegen]  # a padded check meets it on any model
     monkeypatch.setattr(known_issues, "_flex_mask_pads_unpadded", lambda: True)  # 5.5-5.13: a padding term all the same
     assert declared([f"{codegen}:unpadded"], llama) == [codegen]
+
+
+def test_a_bug_of_compiled_code_spares_the_variants_that_do_not_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pytest_llmopt.zoo import builtin_config
+
+    monkeypatch.setattr(torch, "__version__", "2.13.0+cpu")
+    monkeypatch.setattr(known_issues, "_flex_mask_from_offsets", lambda: False)  # 4.57-5.2's masks
+    decode = "torch-flex-attention-cpu-decode"
+    config = builtin_config("tiny-qwen2")
+    assert known_issues.known_issues([decode], "static-object", "flex_attention", "cpu", config, compiled=False) == []
+    assert [i.id for i in known_issues.known_issues([decode], "static-object", "flex_attention", "cpu", config, compiled=True)] == [decode]
