@@ -1,9 +1,12 @@
 """One real A/B run on CPU between two transformers releases: tox builds both stacks, runs the suites on
-the built-in model under each, and `llmopt compare` judges (tox.ini's current, candidate and gate envs)."""
+the built-in model under each, and `llmopt compare` judges (tox.ini's current, candidate and gate envs).
+The candidate is the lock's transformers (constraints.txt), not tox's default (the newest release): the
+project's tests run on the stack CI was last green with."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -24,14 +27,15 @@ def test_upgrade_gate_between_two_transformers_releases() -> None:
     reports = ROOT / "reports"
     for name in ("current.json", "candidate.json", "gate.md"):
         (reports / name).unlink(missing_ok=True)
+    env = {**os.environ, "LLMOPT_CURRENT": "transformers==4.46.3", "LLMOPT_CANDIDATE": f"transformers=={_locked('transformers')}"}
     run = subprocess.run(
-        [sys.executable, "-m", "tox", "-e", "current,candidate,gate", "--", "-n", "2", "-k", GATED], cwd=ROOT, capture_output=True, text=True, timeout=2700
+        [sys.executable, "-m", "tox", "-e", "current,candidate,gate", "--", "-n", "2", "-k", GATED], cwd=ROOT, env=env, capture_output=True, text=True, timeout=2700
     )
     log = run.stdout[-6000:] + run.stderr[-2000:]
     current = json.loads((reports / "current.json").read_text())
     candidate = json.loads((reports / "candidate.json").read_text())
     old, new = current["environment"]["versions"]["transformers"], candidate["environment"]["versions"]["transformers"]
-    assert old.startswith("4.46") and new.split(".")[0] == "5", (old, new)
+    assert old == "4.46.3" and new == _locked("transformers"), (old, new)
     assert current["results"] and candidate["results"]
     # Features the old release lacks are reported unsupported there, not failed.
     old_status = {(r["model"], r["check"], r["variant"]): r["status"] for r in current["results"]}
@@ -45,3 +49,12 @@ def test_upgrade_gate_between_two_transformers_releases() -> None:
     assert ("## llmopt compare: FAIL" in gate) == (regressions > 0)
     assert (run.returncode != 0) == (regressions > 0), log
     assert "check(s) unchanged" in gate
+
+
+def _locked(name: str) -> str:
+    """The version constraints.txt pins ``name`` to."""
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        pinned, _, version = line.partition("==")
+        if pinned.strip().lower() == name:
+            return version.strip()
+    raise AssertionError(f"constraints.txt pins no {name}")
