@@ -195,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv[:split])
     args.pytest_args = argv[split + 1 :]  # after --: pytest's own, e.g. -k "not flex_attention"
     release = {"latest": newest_release, "lock": locked_transformers}.get(args.release, lambda: args.release)()
+    if args.release == "latest" and release == locked_transformers():
+        print(f"transformers {release}, the newest release, is the lock's (constraints.txt): nothing newer to try")
+        return 0
     models = [m for m in args.models.split(",") if m]
     WORK.mkdir(exist_ok=True)
     command = f"scripts/release_sweep.py {release} " + (f"--models {args.models} " if args.models != ",".join(zoo.TINY) else "") + " ".join(args.pytest_args)
