@@ -72,13 +72,13 @@ def from_report(path: Path) -> None:
             **metrics,
         }
         print(json.dumps(row))
-        if result.get("check") == "test_scheme" and "top1_agreement" in metrics:
+        if result.get("check") == "test_model_quality" and "top1_agreement" in metrics:
             scheme = str(result.get("variant", "")).split("/")[2]
             top1, kl = worst.get(scheme, (1.0, 0.0))
             worst[scheme] = (min(top1, metrics["top1_agreement"]), max(kl, metrics["kl_mean"]))
     for scheme, (top1, kl) in worst.items():
         print(
-            f"# suggested QUALITY[(kind, {scheme!r})] = QualityBound({max(0.0, round(top1 - 0.10, 2))}, "
+            f"# suggested QUALITY[{scheme!r}] = QualityBound({round(top1 - 0.10, 2)}, "
             f"{float(f'{2 * kl:.2g}')}, ...)  # worst top-1 {top1:.4f}, worst mean KL {kl:.4g}"
         )
 

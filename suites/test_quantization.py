@@ -1,11 +1,14 @@
 """bitsandbytes quantization (int8, nf4, fp4, nf4 with double quant; compute dtype = the session's,
 bfloat16 on CUDA) against the unquantized model of the same weights.
 
-One test per scheme and model does every check on one load (a 7B load is the slow part): footprint
-bound, quality bound, finite and non-collapsed generation, static cache == dynamic cache and
-self-assisted decoding == greedy on the quantized model, and the latency cost. Figures are recorded
-before any assertion, so a failing run still reports them. Auto-compile of a quantized model is
-reported as unsupported: transformers never compiles a bitsandbytes model.
+Quality is judged where it is defined. On any weights, random ones included: every quantized linear layer
+against the same layer unquantized and against the scheme emulated without bitsandbytes (test_layers,
+pytest_llmopt/qlayers.py). On trained weights only: top-1 agreement and KL of next-token distributions
+(test_model_quality; "not run" on random weights, whose next-token distribution is nearly flat). Per scheme
+and model, on the same load (a 7B load is the slow part): footprint bound, finite and non-collapsed
+generation, static cache == dynamic cache and self-assisted decoding == greedy on the quantized model, and
+the latency cost. Figures are recorded before any assertion, so a failing run still reports them.
+Auto-compile of a quantized model is reported as unsupported: transformers never compiles a bitsandbytes model.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from dataclasses import replace
 
 import pytest
 
-from pytest_llmopt import assistants, footprint, quantize
+from pytest_llmopt import assistants, footprint, outcomes, qlayers, quantize
 
 SCHEMES = ["int8", "nf4", "fp4", "nf4-dq"]
 TO_UNQUANTIZED = {"quant": "none"}
@@ -45,14 +48,30 @@ def _quality(case, reference, target):
     return found
 
 
-def _assert_quality(case, found, scheme):
+def _trained_quality(case, reference, target, scheme):
+    """Whole-model quality against its bounds, on trained weights; "not run" on random ones."""
+    if quantize.model_kind(case.spec) != "trained":
+        outcomes.not_run(
+            "needs trained weights: a random model's next-token distribution is nearly flat, so the agreement of a quantized "
+            "copy says nothing there (the layer rule, test_layers, judges the quantization on any weights)"
+        )
+    found = _quality(case, reference, target)
     bound = quantize.bound_for(case.spec, scheme)
-    kind = quantize.model_kind(case.spec)
     assert found.top1 >= bound.min_top1 and found.kl_mean <= bound.max_kl, (
         f"{case.label}: next-token quality of {scheme} vs the unquantized model over {found.positions} positions: "
         f"top-1 agreement {found.top1:.3f} (bound >= {bound.min_top1}), mean KL {found.kl_mean:.4g} "
-        f"(bound <= {bound.max_kl}); bounds for {kind} models, {bound.where}"
+        f"(bound <= {bound.max_kl}); bounds for trained models, {bound.where}"
     )
+
+
+def _layer_rule(case, reference, target, scheme):
+    """Every quantized linear layer against the unquantized one and the scheme's emulation (qlayers), recorded, then judged."""
+    with case.explain("layer rule"):
+        layers = qlayers.measure(reference.model, target.model, scheme)
+    if layers:
+        case.record(**qlayers.figures(layers))
+    why = qlayers.verdict(layers, scheme)
+    assert why is None, f"{case.label}: {why}"
 
 
 def _latency(runner, ids, mask) -> float:
@@ -77,8 +96,8 @@ def _latency(runner, ids, mask) -> float:
 
 @pytest.mark.llmopt(quant=SCHEMES, reference=TO_UNQUANTIZED)
 def test_scheme(llmopt_case):
-    """Footprint and quality bounds, sane generation, static == dynamic and self-assisted == greedy on
-    the quantized model, and its latency cost against the unquantized model."""
+    """Footprint bound, sane generation, static == dynamic and self-assisted == greedy on the quantized model,
+    and its latency cost against the unquantized model."""
     case = llmopt_case
     scheme = case.variant.quant
     reference, target = case.reference, case.target
@@ -95,8 +114,6 @@ def test_scheme(llmopt_case):
         footprint_ratio=round(size.footprint / want.unquantized_bytes, 4),
         quant_state_bytes=want.state_bytes,
     )
-    found = _quality(case, reference, target)
-
     # Latency cost, batch 1, dynamic cache, forced length.
     ids, mask = reference.encode(case.prompts[0].text)
     with case.explain("latency"):
@@ -147,8 +164,24 @@ def test_scheme(llmopt_case):
             what=f"{what}, {scheme} self-assisted vs {scheme} greedy",
             plain=target,
         )
-    # Last, so that the generation checks run even while a quality threshold is still a placeholder.
-    _assert_quality(case, found, scheme)
+
+
+@pytest.mark.llmopt(quant=SCHEMES, reference=TO_UNQUANTIZED)
+def test_layers(llmopt_case):
+    """Each quantized linear layer, on fixed inputs, against the same layer unquantized and against the scheme
+    emulated without bitsandbytes (blockwise NF4 / FP4 code books, LLM.int8's row-wise int8): its output must sit
+    near the emulation's (a scale off by a few percent, another 4-bit type or block size, a second quantization or
+    a layer left unquantized moves it away). Defined on any weights, random ones included."""
+    case = llmopt_case
+    _layer_rule(case, case.reference, case.target, case.variant.quant)
+
+
+@pytest.mark.llmopt(quant=SCHEMES, reference=TO_UNQUANTIZED)
+def test_model_quality(llmopt_case):
+    """Top-1 agreement and mean KL of next-token distributions against the unquantized model (teacher forcing over
+    the prompts), within bounds measured on trained models: "not run" on random weights."""
+    case = llmopt_case
+    _trained_quality(case, case.reference, case.target, case.variant.quant)
 
 
 @pytest.mark.llmopt(
@@ -169,12 +202,12 @@ def test_auto_compile(llmopt_case):
     quant="int8", attention=["sdpa", "flash_attention_2"], reference=TO_UNQUANTIZED, known_issues=["gptneo-flash-attention-4d-mask-slice"]
 )
 def test_int8_with_attention(llmopt_case):
-    """The guide's combined case: 8-bit weights with SDPA or flash_attention_2 in the compute dtype,
-    against the unquantized model with the same attention: quality bound, finite logits, forced length."""
+    """The guide's combined case: 8-bit weights with SDPA or flash_attention_2 in the compute dtype, against the
+    unquantized model with the same attention: the layer rule, finite logits, forced length (and whole-model
+    quality where the weights are trained)."""
     case = llmopt_case
     reference, target = case.reference, case.target
-    found = _quality(case, reference, target)
-    _assert_quality(case, found, "int8")
+    _layer_rule(case, reference, target, "int8")
     ids, mask = target.encode(case.prompts[0].text)
     with case.explain("generate"):
         out = target.generate(ids, mask, case.new_tokens)
@@ -182,3 +215,5 @@ def test_int8_with_attention(llmopt_case):
     assert out.logits is not None and quantize.finite(out.logits), (
         f"{case.label}: NaN or inf in the logits"
     )
+    if quantize.model_kind(case.spec) == "trained":
+        _trained_quality(case, reference, target, "int8")

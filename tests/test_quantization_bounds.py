@@ -198,3 +198,17 @@ def test_bnb_configs() -> None:
     assert dq.bnb_4bit_compute_dtype == torch.bfloat16
     fp4 = quantize.bnb_config("fp4", torch.bfloat16)
     assert fp4.bnb_4bit_quant_type == "fp4" and not fp4.bnb_4bit_use_double_quant
+
+
+def test_every_whole_model_bound_can_fail_and_says_where_it_was_measured() -> None:
+    assert set(quantize.QUALITY) == set(quantize.SCHEMES)
+    for scheme, bound in quantize.QUALITY.items():
+        assert 0 < bound.min_top1 < 1 and 0 < bound.max_kl < float("inf") and bound.where, scheme
+
+
+def test_random_weights_have_no_whole_model_bound() -> None:
+    from pytest_llmopt.models import ModelSpec
+
+    for name in ("tiny-llama", "llama-7b-shape"):
+        with pytest.raises(ValueError, match="defined on trained weights only"):
+            quantize.bound_for(ModelSpec(name, "builtin"), "nf4")
