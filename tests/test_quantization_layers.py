@@ -114,7 +114,7 @@ def test_weights_quantized_twice_break_the_layer_rule(first: str, then: str, pla
     twice = copy.deepcopy(plain)
     with torch.no_grad():
         for _, module in qlayers._candidates(twice):
-            module.weight.copy_(qlayers.emulate_4bit(module.weight, first).to(module.weight.dtype))
+            module.weight.copy_(qlayers.emulate(module.weight, first)[0].to(module.weight.dtype))
     twice.save_pretrained(tmp_path)
     found = qlayers.measure(plain, _load(tmp_path, then), then)
     why = qlayers.verdict(found, then)
