@@ -40,6 +40,7 @@ class CaseParam:
     variant: variants.Variant
     reference: variants.Variant
     skipped_as: Status | None = None  # skipped at collection: not run here, or unsupported
+    known_issues: tuple[str, ...] = ()  # ids of the declared issues that apply here (the report names them)
 
     @property
     def id(self) -> str:
@@ -81,8 +82,8 @@ def params_for(session: LlmoptSession, marker: pytest.Mark) -> list[Any]:
             skip = skip or ((Status.UNSUPPORTED, missing) if missing else None)
             if skip:
                 marks.append(pytest.mark.skip(reason=skip[1]))
-            param = CaseParam(spec, variant, reference, skip[0] if skip else None)
             issues = known_issues.known_issues(marker.kwargs.get("known_issues", ()), variant.cache, variant.attention, machine.device_type, info.config, variant.compile != "off")
+            param = CaseParam(spec, variant, reference, skip[0] if skip else None, tuple(issue.id for issue in issues if not skip))
             if issues and not skip:  # one xfail, limited to the exceptions these bugs raise
                 reason = "; ".join(issue.reason for issue in issues)
                 raises = tuple(known_issues.exception_class(issue.raises) for issue in issues)
@@ -114,7 +115,7 @@ def label_items(items: Iterable[pytest.Item]) -> None:
         param = callspec.params.get("llmopt_case") if callspec else None
         if callspec is not None and isinstance(param, CaseParam):
             extra = "-".join(str(v) for k, v in callspec.params.items() if k != "llmopt_case") or None
-            describe_item(item, param.spec.name, param.variant.id, extra, param.skipped_as)
+            describe_item(item, param.spec.name, param.variant.id, extra, param.skipped_as, param.known_issues)
 
 
 def deselect(items: Iterable[pytest.Item], selection: variants.Selection) -> tuple[list[pytest.Item], list[pytest.Item]]:
@@ -125,20 +126,6 @@ def deselect(items: Iterable[pytest.Item], selection: variants.Selection) -> tup
         param = getattr(getattr(item, "callspec", None), "params", {}).get("llmopt_case")
         (kept if not isinstance(param, CaseParam) or selection.matches(param.variant) else dropped).append(item)
     return kept, dropped
-
-
-# Lines of an exception message that say nothing about the cause (torch wraps compiler errors in them).
-_BOILERPLATE = ("raised:", "Set TORCH_LOGS", "You can suppress this exception", "Traceback", "While executing")
-
-
-def summary_line(exc: BaseException) -> str:
-    """``Type: first meaningful line`` of an exception (inductor's ``BackendCompilerFailed`` starts with
-    "backend='inductor' raised:"; its cause is on the next line)."""
-    for line in str(exc).splitlines():
-        text = line.strip()
-        if text and not any(b in text for b in _BOILERPLATE):
-            return f"{type(exc).__name__}: {text[:300]}"
-    return type(exc).__name__
 
 
 class Case:
@@ -270,7 +257,7 @@ class Case:
             if known and isinstance(exc, known.kwargs.get("raises") or ()):
                 raise
             pytest.fail(
-                f"{self.label} ({what}): the optimized path raised {summary_line(exc)}\n  reproduce: {self.reproduce}",
+                f"{self.label} ({what}): the optimized path raised {outcomes.summary_line(exc)}\n  reproduce: {self.reproduce}",
                 pytrace=False,
             )
 

@@ -125,3 +125,16 @@ def refusal(exc: BaseException, sdpa_backend: str | None = None) -> str | None:
         return f"unsupported by torch {torch.__version__}: its compiled CPU flex_attention cannot return the log-sum-exp transformers {TRANSFORMERS} asks for"
     return None
 
+
+# Lines of an exception message that say nothing about the cause (torch wraps compiler errors in them).
+_BOILERPLATE = ("raised:", "Set TORCH_LOGS", "You can suppress this exception", "Traceback", "While executing")
+
+
+def summary_line(exc: BaseException) -> str:
+    """``Type: first meaningful line`` of an exception (inductor's ``BackendCompilerFailed`` starts with
+    "backend='inductor' raised:"; its cause is on the next line)."""
+    for line in str(exc).splitlines():
+        text = line.strip()
+        if text and not any(b in text for b in _BOILERPLATE):
+            return f"{type(exc).__name__}: {text[:300]}"
+    return type(exc).__name__

@@ -214,9 +214,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         and item.config.get_verbosity() < 2
         and not isinstance(excinfo.value, (AssertionError, pytest.fail.Exception))
     ):
-        from .cases import summary_line
-
-        report.longrepr = f"{summary_line(excinfo.value)}\n  (the full traceback: run again with -vv)"
+        report.longrepr = f"{outcomes.summary_line(excinfo.value)}\n  (the full traceback: run again with -vv)"
     if report.skipped and EXPECT_KEY in item.config.stash:
         _lost_support(item, report)
     return report

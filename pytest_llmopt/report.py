@@ -41,12 +41,16 @@ def record(node: pytest.Item, **metrics: Any) -> None:
     node.user_properties.append((PROPERTY, {"metrics": dict(metrics)}))
 
 
-def describe_item(node: pytest.Item, model: str, variant: str, extra: str | None, skipped_as: Status | None = None) -> None:
-    """Label a collected suite test with what it checks (before it runs, so skips are labelled too), and
-    the status of a skip decided at collection."""
+def describe_item(
+    node: pytest.Item, model: str, variant: str, extra: str | None, skipped_as: Status | None = None, known_issues: tuple[str, ...] = ()
+) -> None:
+    """Label a collected suite test with what it checks (before it runs, so skips are labelled too), the status of a
+    skip decided at collection, and the ids of the known issues declared for it that apply here."""
     suite = Path(str(node.fspath)).stem.removeprefix("test_")
     check = getattr(node, "originalname", node.name)
     label = {"suite": suite, "check": check, "model": model, "variant": variant, "extra": extra, "skipped_as": skipped_as.value if skipped_as else None}
+    if known_issues:
+        label["known_issues"] = list(known_issues)
     for name, value in node.user_properties:
         if name == PROPERTY and isinstance(value, dict):
             value.update(label)
@@ -66,6 +70,7 @@ class Result:
     metrics: dict[str, Any] = field(default_factory=dict)
     nodeid: str = ""
     seconds: float = 0.0
+    known_issues: list[str] = field(default_factory=list)  # ids of the declared issues that applied
 
     def __post_init__(self) -> None:
         self.status = Status(self.status)  # also from the plain strings of a JSON report
@@ -125,6 +130,7 @@ class Collector:
             metrics=_plain(props.get("metrics", {})),
             nodeid=report.nodeid,
             seconds=round(report.duration, 3) if report.when == "call" else 0.0,
+            known_issues=list(props.get("known_issues", [])),
         )
 
     def sorted(self) -> list[Result]:

@@ -110,11 +110,12 @@ def run_suites(release: str, python: Path, models: list[str], workers: int, extr
     return report
 
 
-def issue_ids(reason: str | None) -> list[str]:
-    """The known issues a known-issue outcome's reason names (the registry's reasons, joined by '; ')."""
+def issue_ids(result: Result) -> list[str]:
+    """The known issues declared for a check that applied (the report names them; a report written before it did is
+    read by the registry's reasons, which its reason joins)."""
     from pytest_llmopt.known_issues import KNOWN_ISSUES
 
-    return [issue.id for issue in KNOWN_ISSUES if reason and issue.reason in reason]
+    return result.known_issues or [issue.id for issue in KNOWN_ISSUES if result.reason and issue.reason in result.reason]
 
 
 def section(release: str, results: list[Result], env: dict, seconds: float | None, baseline: list[Result] | None, baseline_name: str, command: str) -> str:
@@ -150,15 +151,15 @@ def section(release: str, results: list[Result], env: dict, seconds: float | Non
         else:
             per_issue: dict[str, list[str]] = defaultdict(list)
             for r in chosen:
-                for name in issue_ids(r.reason) or ["(declared by the check itself, not the registry)"]:
+                for name in issue_ids(r) or ["(declared by the check itself, not the registry)"]:
                     per_issue[name].append(f"{r.model} {r.suite}::{r.check}[{r.variant}{'-' + r.extra if r.extra else ''}]")
             items = [f"`{name}` ({len(keys)}): " + ", ".join(sorted(keys)) for name, keys in sorted(per_issue.items())]
         lines.append(f"- **{title}** ({len(chosen)}):")
         lines += [f"  - {item}" for item in items]
     if baseline is not None:
         new_failed = sorted(r.key for r in results if r.status.value == "failed" and (r.key not in old or old[r.key].status.value != "failed"))
-        before = {name for r in baseline if r.status.value in ("known-issue", "known-issue-passed") for name in issue_ids(r.reason)}
-        now = {name for r in results if r.status.value == "known-issue" for name in issue_ids(r.reason)}
+        before = {name for r in baseline if r.status.value in ("known-issue", "known-issue-passed") for name in issue_ids(r)}
+        now = {name for r in results if r.status.value == "known-issue" for name in issue_ids(r)}
         lines.append(f"- **New against {baseline_name}**: failures: {', '.join(f'`{k}`' for k in new_failed) or 'none'}; "
                      f"known issues: {', '.join(f'`{n}`' for n in sorted(now - before)) or 'none'}")
     return "\n".join(lines) + "\n"

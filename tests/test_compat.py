@@ -414,9 +414,17 @@ def test_a_known_issue_raised_inside_a_step_keeps_its_xfail(pytester: pytest.Pyt
                 raise KeyError("another bug")
         """
     )
-    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "--llmopt-model=tiny-llama")
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "--llmopt-model=tiny-llama", "--llmopt-report=r.json")
     result.assert_outcomes(xfailed=1, failed=1)
     result.stdout.fnmatch_lines(["*(generate): the optimized path raised KeyError*"])
+    # The report names the declared issues that applied, by id (the release sweep counts them so)
+    from pytest_llmopt.report import load
+
+    results, _ = load(pytester.path / "r.json")
+    assert {r.check: (r.status.value, r.known_issues) for r in results} == {
+        "test_declared": ("known-issue", [issue.id]),
+        "test_other": ("failed", [issue.id]),
+    }
 
 
 def test_flex_mask_probes_read_the_installed_code(monkeypatch: pytest.MonkeyPatch) -> None:
