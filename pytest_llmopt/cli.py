@@ -1,7 +1,8 @@
 """``llmopt``: the upgrade gate and report merging, on JSON reports written with --llmopt-report.
 
-  llmopt compare BASE.json CANDIDATE.json   diff of every check and figure, regressions first;
-                                            exit 1 on any regression beyond tolerance, 0 otherwise
+  llmopt compare BASE.json CANDIDATE.json   diff of every check and figure, regressions first (figures judged
+                                            by the metric registry: timed ones by their intervals, fixed ones by
+                                            their tolerance); exit 1 on any regression, 0 otherwise
   llmopt report RUN.json [RUN.json ...] -o compat.md|.html|.json   one matrix from several runs
   llmopt run [PYTEST ARGS ...]              the installed suites: pytest --pyargs pytest_llmopt.suites ARGS
 
@@ -11,33 +12,18 @@ Exit status 2 means the command itself could not run (a missing or malformed rep
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
+from . import metrics as mx
+from . import stats
 from .outcomes import GOOD, Status
 from .render import write
 from .report import ReportError, Result, load
-
-# Figures judged by the gate: +1 when higher is better, -1 when lower is better.
-DIRECTION = {
-    "acceptance_rate": +1,
-    "speedup": +1,
-    "tokens_per_s": +1,
-    "roofline_pct": +1,
-    "ttft_ms": -1,
-    "decode_ms": -1,
-    "peak_memory_bytes": -1,
-    "footprint_bytes": -1,
-    "static_cache_bytes": -1,
-    "recompiles": -1,
-    "compiles_warmup": -1,
-}
-# How far a figure may move the wrong way before it is a regression: relative, or absolute for rates/counts.
-DEFAULT_RELATIVE = 0.05
-ABSOLUTE = {"acceptance_rate": 0.02, "recompiles": 0.0, "compiles_warmup": 0.0, "roofline_pct": 5.0}
 
 
 @dataclass
@@ -54,7 +40,7 @@ class Change:
         return {"regression": 0, "improvement": 1, "change": 2}[self.kind]
 
 
-def compare(base: list[Result], candidate: list[Result], relative: float = DEFAULT_RELATIVE) -> tuple[list[Change], int]:
+def compare(base: list[Result], candidate: list[Result]) -> tuple[list[Change], int]:
     """Every difference between two runs, classified; and how many checks did not change at all."""
     old = {r.key: r for r in base}
     new = {r.key: r for r in candidate}
@@ -69,7 +55,7 @@ def compare(base: list[Result], candidate: list[Result], relative: float = DEFAU
             kind = "regression" if a.status in GOOD else "change"
             changes.append(Change(kind, key, "status", _status(a), "absent", "check missing from the candidate run"))
             continue
-        found = _status_change(key, a, b) + _figure_changes(key, a, b, relative)
+        found = _status_change(key, a, b) + _figure_changes(key, a, b)
         changes += found
         unchanged += not found
     changes.sort(key=lambda c: (c.order, c.key, c.what))
@@ -95,22 +81,62 @@ def _status_change(key: str, a: Result, b: Result) -> list[Change]:
     return [Change("change", key, "status", _status(a), _status(b), "")]
 
 
-def _figure_changes(key: str, a: Result, b: Result, relative: float) -> list[Change]:
+def _figure_changes(key: str, a: Result, b: Result) -> list[Change]:
+    """Every judged figure of the registry (metrics.py) that moved: fixed figures by their tolerance, timed ones by
+    their intervals (stats.compare_sessions: each run one session, the between-session spread its band's default;
+    a figure a report carries without an interval is taken as exact, so only that spread judges it)."""
     out = []
-    for name, direction in DIRECTION.items():
+    for name, figure in mx.FIGURES.items():
         x, y = a.metrics.get(name), b.metrics.get(name)
-        if not isinstance(x, (int, float)) or not isinstance(y, (int, float)) or x == y:
+        if not figure.judged or not _number(x) or not _number(y) or x == y:
             continue
-        worse = (y - x) * direction < 0
-        limit = ABSOLUTE.get(name)
-        moved = abs(y - x) if limit is not None else abs(y - x) / abs(x) if x else float("inf")
-        allowed = limit if limit is not None else relative
-        delta = f"{y - x:+.4g}" if limit is not None else (f"{(y - x) / x:+.1%}" if x else "new")
-        if worse and moved > allowed:
-            out.append(Change("regression", key, name, f"{x:.4g}", f"{y:.4g}", f"{delta} (allowed {allowed:g}{'' if limit is not None else ' relative'})"))
-        elif not worse and moved > allowed:
-            out.append(Change("improvement", key, name, f"{x:.4g}", f"{y:.4g}", delta))
+        if figure.kind == "timed":
+            out += _timed_change(key, name, a, b) if x > 0 and y > 0 else []
+            continue
+        worse, moved, allowed = mx.fixed_worse(name, x, y)
+        delta = f"{y - x:+.4g}" if figure.absolute or not x else f"{(y - x) / x:+.1%}"
+        shown = f"{allowed:g}" if figure.absolute or not x else f"{allowed:.0%}"
+        if worse:
+            out.append(Change("regression", key, name, figure.fmt(x), figure.fmt(y), f"{delta} (allowed {shown})"))
+        elif moved > allowed + 1e-12:
+            out.append(Change("improvement", key, name, figure.fmt(x), figure.fmt(y), delta))
     return out
+
+
+def _timed_change(key: str, name: str, a: Result, b: Result) -> list[Change]:
+    figure = mx.FIGURES[name]
+    ia, ib = _interval(a, name), _interval(b, name)
+    band = figure.band or ib[2] or ia[2] or "mixed"
+    verdict = stats.compare_sessions(ia[:2], ib[:2], band if band in stats.BAND_CLASSES else "mixed", figure.direction)
+    shown_a, shown_b = _with_interval(a, name), _with_interval(b, name)
+    if verdict.kind == "regression":
+        return [Change("regression", key, name, shown_a, shown_b, verdict.text + f" (band {band})")]
+    if verdict.kind == "improvement":
+        return [Change("improvement", key, name, shown_a, shown_b, verdict.text + f" (band {band})")]
+    if verdict.kind == "inconclusive":
+        return [Change("change", key, name, shown_a, shown_b, verdict.text + f" (band {band})")]
+    return []
+
+
+def _interval(r: Result, name: str) -> tuple[float, float, str | None]:
+    """(ln value, its standard error, band) of a figure: from the report's interval, else exact."""
+    found = r.metrics.get("intervals", {}).get(name) if isinstance(r.metrics.get("intervals"), dict) else None
+    if isinstance(found, dict) and _number(found.get("log")) and _number(found.get("se")):
+        return float(found["log"]), float(found["se"]), found.get("band")
+    return math.log(float(r.metrics[name])), 0.0, None
+
+
+def _with_interval(r: Result, name: str) -> str:
+    figure = mx.FIGURES[name]
+    found = r.metrics.get("intervals", {}).get(name) if isinstance(r.metrics.get("intervals"), dict) else None
+    text = figure.fmt(float(r.metrics[name]))
+    if isinstance(found, dict) and _number(found.get("low")) and _number(found.get("high")):
+        text += f" [{figure.fmt(found['low'])}, {figure.fmt(found['high'])}]"
+    return text
+
+
+def _number(value: Any) -> TypeGuard[float]:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _versions(env: dict[str, Any]) -> str:
@@ -161,7 +187,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmp_parser = sub.add_parser("compare", help="diff two JSON reports; exit 1 on a regression")
     cmp_parser.add_argument("base", type=Path, help="report of the current stack")
     cmp_parser.add_argument("candidate", type=Path, help="report of the candidate stack")
-    cmp_parser.add_argument("--relative", type=float, default=DEFAULT_RELATIVE, help="allowed relative loss of speed or growth of memory (default 0.05)")
     cmp_parser.add_argument("-o", "--output", type=Path, help="also write the diff (Markdown) to this file, e.g. $GITHUB_STEP_SUMMARY")
     sub.add_parser("run", help="run the installed suites: pytest --pyargs pytest_llmopt.suites [PYTEST ARGS]", add_help=False)
     rep_parser = sub.add_parser("report", help="merge JSON reports into one matrix")
@@ -180,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _compare(args: argparse.Namespace) -> int:
     base, base_env = load(args.base)
     candidate, cand_env = load(args.candidate)
-    changes, unchanged = compare(base, candidate, args.relative)
+    changes, unchanged = compare(base, candidate)
     text = render_changes(changes, unchanged, base_env, cand_env)
     print(text, end="")
     if args.output:

@@ -1,21 +1,21 @@
-"""The performance suite's machinery: timing a case against its reference, the roofline, CUDA-graph
-checks, stored baselines, and pytest-benchmark's JSON. Registered by plugin.py as one more plugin
-object, so the wiring stays in one place and this module is imported only where it is used.
+"""The performance suite's machinery: one interleaved campaign per model and weights (campaign.py), the figures
+each speed check reads from it, their verdicts against stored baselines (baselines.py, stats.py), and the
+device's timing lock. Registered by plugin.py as one more plugin object.
 
 What a speed check does (suites/test_performance.py):
-1. Times the reference variant once per model per session (memoized), and the case's variant, with
-   the same 32-token prompt and forced output length (timing.measure).
-2. Records ttft_ms, decode_ms, tokens_per_s, total_ms, spread, compile_s, speedup (reference time /
-   variant time, end to end) and decode_speedup; on CUDA also peak_memory_bytes, the roofline and
-   CUDA-graph activity; for draft-based paths the acceptance rate.
-3. Fails at once on a compiled CUDA decode whose CUDA graphs were skipped or never recorded, or an
-   auto-compile that never ran compiled code.
-4. Spread above timing.SPREAD_LIMIT: "inconclusive" (skip), no baseline verdict, nothing written.
-5. Otherwise compares with the stored baseline (baselines.py); --llmopt-update-baselines writes instead.
-
-On CPU the same runs happen on the tiny models with fewer tokens; the figures are recorded, compared
-only against a same-hardware baseline (none is committed for CPU: machines differ too much), and a
-missing one is only listed in the summary. Speed claims live in GPU baselines.
+1. At collection every speed check of a model is planned into its campaign (one per model and quantization;
+   the reference is the plain path on the unquantized weights).
+2. The first speed check of a campaign runs it, holding the device's lock exclusive (no other llmopt test of
+   any worker runs on the device meanwhile), and shares the figures with the other pytest-xdist workers
+   (speedrun.py); every check of the campaign then reads its own figures:
+   paired speedups over the reference with their intervals, on CUDA the GPU's own work per token and how busy
+   the GPU was, the acceptance rate of draft paths, compile time, peak memory.
+3. Fails at once on a compiled path that did not run compiled (auto-compile silently off, CUDA graphs skipped
+   or never recorded) or compiled again while being timed.
+4. Against a stored baseline of this card and stack each gated figure is regression / ok / improvement /
+   inconclusive by stats.judge; a regression fails. A check none of whose gated figures could decide, or of a
+   campaign too noisy to use, is "inconclusive", with the smallest slowdown it could have detected.
+   --llmopt-update-baselines appends this session to the baseline instead.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import contextlib
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,9 +31,10 @@ from typing import Any
 import pytest
 
 from . import baselines as bl
-from . import outcomes
+from . import metrics as mx
+from .speedplan import PROMPT_TOKENS, Group, Planned, check_key
 
-PROMPT_TOKENS = 32
+ESTIMATOR = 2  # how figures are estimated; baselines of another estimator are not comparable
 
 
 @dataclass(frozen=True)
@@ -42,32 +42,34 @@ class Setup:
     """How much is timed. Fixed per device type (baselines are only comparable with the same setup)."""
 
     new_tokens: int
-    repeats: int
-    warmups: int  # eager paths
-    warmups_compiled: int  # the first call compiles, the second records CUDA graphs
+    budget_s: float
+    min_rounds: int
+    max_rounds: int
 
 
-SETUPS = {"cuda": Setup(64, 5, 1, 2), "cpu": Setup(16, 5, 1, 2)}
+SETUPS = {"cuda": Setup(32, 100.0, 6, 40), "cpu": Setup(16, 20.0, 6, 16)}
 
 
 class PerfPlugin:
-    """Session state of the speed checks: the baseline store, reference timings, the card's bandwidth."""
+    """Session state of the speed checks: the baseline store, the planned campaigns, the device lock."""
 
-    def __init__(self, config: pytest.Config, settings: Any, session: Callable[[], Any]) -> None:
+    def __init__(self, config: pytest.Config, settings: Any, session: Any) -> None:
         self.config = config
         self._session = session  # builds the llmopt session on first need (plugin.session_of)
+        self.settings = settings
         self.root = settings.baselines or Path(config.rootpath) / "baselines"
         self.store = bl.Store(self.root)
         self.update = settings.update_baselines
-        self.references: dict[tuple[str, str], Any] = {}
-        self._bandwidth: float | None = None
+        self.groups: dict[tuple[str, str], Group] = {}
         self.missing: dict[Path, list[str]] = {}
         self.written: set[Path] = set()
         self.compared = 0
+        self.campaign_lines: list[str] = []
+        self.calibration: Any = None
+        self._lock: Any = None
 
     @property
     def llmopt(self) -> Any:
-        """The llmopt session, built on first need (the plugin stays free when llmopt is not asked for)."""
         return self._session()
 
     @property
@@ -76,21 +78,22 @@ class PerfPlugin:
 
     @property
     def setup(self) -> Setup:
-        return SETUPS["cuda" if self.machine.device_type == "cuda" else "cpu"]
+        base = SETUPS["cuda" if self.machine.device_type == "cuda" else "cpu"]
+        budget = self.settings.speed_budget
+        return base if budget is None else Setup(base.new_tokens, budget, base.min_rounds, base.max_rounds)
 
-    def bandwidth(self) -> float:
-        """Device-to-device copy bandwidth, measured once per session."""
-        if self._bandwidth is None:
-            import torch
+    @property
+    def lock(self) -> Any:
+        if self._lock is None:
+            from .gpulock import DeviceLock, device_key
 
-            from .timing import copy_bandwidth
-
-            self._bandwidth = copy_bandwidth(torch.device(self.machine.device))
-        return self._bandwidth
+            self._lock = DeviceLock(device_key(self.machine.device))
+        return self._lock
 
     def environment(self) -> dict[str, Any]:
         m = self.machine
         v = m.versions
+        s = self.setup
         return {
             "gpu": m.gpu_name,
             "driver": _driver_version() if m.device_type == "cuda" else None,
@@ -101,29 +104,60 @@ class PerfPlugin:
             "flash-attn": v.get("flash-attn"),
             "python": v.get("python"),
             "dtype": m.dtype,
-            "setup": {"prompt_tokens": PROMPT_TOKENS, **self.setup.__dict__},
+            "setup": {"prompt_tokens": PROMPT_TOKENS, "new_tokens": s.new_tokens, "batch": 1, "estimator": ESTIMATOR},
             "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
 
-    def judge(self, model: str, check: str, metrics: dict[str, Any]) -> tuple[list[bl.Finding], dict[str, Any]]:
-        """Compare ``metrics`` with the stored baseline (or write them, with --llmopt-update-baselines).
+    def judge(self, model: str, check: str, measured: dict[str, bl.Measured]) -> tuple[list[bl.Finding], dict[str, Any]]:
+        """Compare ``measured`` with the stored baseline (or append it, with --llmopt-update-baselines).
         Returns the findings (none when writing) and what to record about the baseline used."""
+        from .noise import host_class
+
+        if not any((f := mx.figure(name)) is not None and f.judged for name in measured):
+            return [], {}  # nothing this check measures is judged here (the reference's own check on CPU)
         hardware = self.machine.hardware_id
         same = self.store.get(hardware, model)
         other = None if same is not None else self.store.other_hardware(hardware, model, self.machine.device_type)
-        findings = bl.compare(check, metrics, same, other)
+        findings = bl.compare(check, measured, same, other, host_class())
         compared = [f for f in findings if f.baseline is not None]
         note: dict[str, Any] = {}
         if compared:
             self.compared += 1
             note = {"baseline": compared[0].source, "baseline_regressions": sum(f.verdict == "regression" for f in findings)}
         if self.update:
-            self.written.add(self.store.update(hardware, model, self.environment(), check, metrics))
-            return [], note  # written on purpose: the new values are the baseline
+            self.written.add(self.store.update(hardware, model, self.environment(), check, measured, host_class()))
+            return [], note  # written on purpose: this session joins the baseline
         if not compared:
             self.missing.setdefault(self.store.path(hardware, model), []).append(check)
             note["baseline"] = "missing"
         return findings, note
+
+    def stored_setup(self, model: str) -> dict[str, Any] | None:
+        same = self.store.get(self.machine.hardware_id, model)
+        return (same.environment.get("setup") if same else None) or None
+
+    @pytest.hookimpl
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        """A malformed baseline file is one usage error naming it, before any test runs; the campaigns are planned."""
+        items = [i for i in session.items if "llmopt_case" in getattr(i, "fixturenames", ())]
+        if not items:
+            return
+        try:
+            self.store.validate(self.machine.hardware_id, [spec.name for spec in self.llmopt.models])
+        except bl.BaselineError as exc:
+            raise pytest.UsageError(f"pytest-llmopt: malformed baseline file {exc}") from None
+        for item in items:
+            param = _param(item)
+            if param is not None and "llmopt_speed" in getattr(item, "fixturenames", ()) and param.skipped_as is None:
+                self.plan(item, param)
+
+    def plan(self, item: pytest.Item, param: Any) -> Planned:
+        group = self.groups.setdefault((param.spec.name, param.variant.quant), Group(param.spec.name, param.variant.quant))
+        key = check_key(item, param.variant.id)
+        marker = item.get_closest_marker("llmopt_speed")
+        planned = Planned(key, param, dict(marker.kwargs) if marker else {})
+        group.planned.setdefault(key, planned)
+        return group.planned[key]
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
@@ -135,36 +169,33 @@ class PerfPlugin:
         from .report import PROPERTY
 
         props = next((v for k, v in item.user_properties if k == PROPERTY and isinstance(v, dict)), None)
-        metrics = {k: v for k, v in (props or {}).get("metrics", {}).items() if k in bl.MEMORY_METRICS}
-        if not metrics or "suite" not in props:  # type: ignore[operator]
+        figures = {k: bl.Measured(float(v)) for k, v in (props or {}).get("metrics", {}).items() if k in bl.MEMORY_METRICS and bl._number(v)}
+        if not figures or "suite" not in props:  # type: ignore[operator]
             return report
         assert props is not None
         extra = f"-{props['extra']}" if props.get("extra") else ""
         check = f"{props['suite']}::{props['check']}[{props['variant']}{extra}]"
-        findings, _ = self.judge(props["model"], check, metrics)
+        findings, _ = self.judge(props["model"], check, figures)
         if any(f.verdict == "regression" for f in findings):
             report.outcome = "failed"
             report.longrepr = bl.failure_text(f"{props['variant']}@{props['model']}", findings)
         return report
 
     @pytest.hookimpl
-    def pytest_collection_finish(self, session: pytest.Session) -> None:
-        """A malformed baseline file is one usage error naming it, before any test runs."""
-        if not any("llmopt_case" in getattr(item, "fixturenames", ()) for item in session.items):  # any suite: memory figures too
-            return
-        try:
-            self.store.validate(self.machine.hardware_id, [spec.name for spec in self.llmopt.models])
-        except bl.BaselineError as exc:
-            raise pytest.UsageError(f"pytest-llmopt: malformed baseline file {exc}") from None
-
-    @pytest.hookimpl
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if self.calibration is not None or self.campaign_lines:
+            terminalreporter.section("llmopt: speed campaigns")
+            if self.calibration is not None:
+                terminalreporter.write_line(f"calibration: {self.calibration.line()}")
+            for line in self.campaign_lines:
+                terminalreporter.write_line(line)
         if not (self.missing or self.written or self.compared):
             return
         terminalreporter.section("llmopt: baselines")
         terminalreporter.write_line(f"directory {self.root}; {self.compared} check(s) compared")
         for path in sorted(self.written):
-            terminalreporter.write_line(f"written: {path}")
+            restarted = " (the stack changed: its timed figures started afresh)" if path in self.store.restarted else ""
+            terminalreporter.write_line(f"written: {path}{restarted}")
         for path, checks in sorted(self.missing.items()):
             terminalreporter.write_line(
                 f"no baseline for {len(checks)} check(s) in {path} (hardware {self.machine.hardware_id}): "
@@ -172,221 +203,26 @@ class PerfPlugin:
             )
 
     @pytest.fixture
-    def llmopt_speed(self, request: pytest.FixtureRequest) -> SpeedCheck:
-        """Times a case against its reference and judges the figures (see this module's docstring)."""
+    def llmopt_speed(self, request: pytest.FixtureRequest) -> Any:
+        """Times a case in its model's campaign and judges its figures (see this module's docstring)."""
+        from .speedcheck import SpeedCheck
+
         return SpeedCheck(self, request)
 
-
-class SpeedCheck:
-    def __init__(self, plugin: PerfPlugin, request: pytest.FixtureRequest) -> None:
-        self.plugin = plugin
-        self.request = request
-
-    def check(self, case: Any, drafts: bool = False, **extra: Any) -> dict[str, Any]:
-        """Time ``case`` (with ``extra`` generate arguments, e.g. prompt_lookup_num_tokens) and its
-        reference; record, judge, compare with the baseline. Returns the recorded figures."""
-        plugin = self.plugin
-        setup = plugin.setup
-        target = case.target
-        ids = prompt_ids(target)
-        own = case.variant == case.param.reference and not extra
-        reference = self._reference(case, ids, through_benchmark=own)
-        with case.explain("timing"):
-            timing, acceptance, compiled_calls = (reference, None, None) if own else time_runner(
-                target, ids, setup, extra, drafts, timed=self._benchmark_loop()
-            )
-        metrics: dict[str, Any] = dict(timing.metrics())
-        if timing.peak_memory_bytes is not None:
-            # this model's weights + what the path allocated: independent of other models the session keeps
-            metrics["peak_memory_bytes"] = timing.peak_memory_bytes + _weight_bytes(target.model)
-        if not own and timing.total_ms > 0 and timing.decode_ms > 0:
-            metrics["speedup"] = reference.total_ms / timing.total_ms
-            metrics["decode_speedup"] = reference.decode_ms / timing.decode_ms
-            metrics["reference_total_ms"] = reference.total_ms
-        if acceptance is not None:
-            metrics["acceptance_rate"] = acceptance
-        if compiled_calls is not None:
-            metrics["compiled_forward_calls"] = compiled_calls
-        if plugin.machine.device_type == "cuda":
-            from .timing import roofline
-
-            metrics.update(roofline(target.model, ids.shape[1], setup.new_tokens, plugin.bandwidth(), timing.decode_ms))
-        case.record(**metrics)
-        self._to_benchmark(case, metrics)
-        problems = self._problems(case, timing, compiled_calls)
-        check = f"{case.node.path.stem.removeprefix('test_')}::{getattr(case.node, 'originalname', case.node.name)}[{case.variant.id}]"
-        spread_limit = _spread_limit(plugin.machine.device_type)
-        noisy = max(timing.spread, reference.spread)
-        if noisy > spread_limit and not problems:
-            outcomes.inconclusive(
-                f"inconclusive: the runs spread {noisy:.0%} (interquartile range over median of {setup.repeats} runs; "
-                f"bound {spread_limit:.0%}), too wide for a verdict; figures recorded, not compared"
-            )
-        if problems and plugin.update:
-            pytest.fail("\n".join(problems) + "\n(figures not written to the baseline)", pytrace=False)
-        findings = self._baseline(case, check, metrics)
-        bad = [f for f in findings if f.verdict == "regression"]
-        if problems or bad:
-            text = "\n".join(problems)
-            if bad:
-                text += ("\n" if text else "") + bl.failure_text(f"{case.label}", findings)
-            pytest.fail(text, pytrace=False)
-        return metrics
-
-    def _reference(self, case: Any, ids: Any, through_benchmark: bool = False) -> Any:
-        """The reference's timing, measured once per model per session (through pytest-benchmark when this
-        test is the reference's own check)."""
-        plugin = self.plugin
-        key = (case.spec.name, case.param.reference.id)
-        if key not in plugin.references:
-            timed = self._benchmark_loop() if through_benchmark else None
-            with case.explain("timing the reference"):
-                plugin.references[key] = time_runner(case.reference, ids, plugin.setup, {}, False, timed=timed)[0]
-        return plugin.references[key]
-
-    def _problems(self, case: Any, timing: Any, compiled_calls: int | None) -> list[str]:
-        """Findings that fail whatever the baseline says: compiled code that did not run as compiled."""
-        out = []
-        variant = case.variant
-        if variant.compile == "auto" and compiled_calls == 0:
-            out.append(f"{case.label}: generate() never called its compiled forward: auto-compile did not trigger (compile silently off)")
-        if variant.compile == "auto" and self.plugin.machine.device_type == "cuda":
-            if timing.cudagraph_skips:
-                out.append(
-                    f"{case.label}: inductor skipped CUDA graphs {timing.cudagraph_skips} time(s) in the compiled decode "
-                    f"(counters['inductor']['cudagraph_skips']); the decode runs kernel by kernel. "
-                    f"Reasons: {'; '.join(timing.skip_reasons) or 'rerun with TORCH_LOGS=perf_hints,cudagraphs'}"
-                )
-            elif not (timing.cudagraphs_recorded or timing.cudagraph_replays) and not _compiled_config_without_graphs():
-                out.append(f"{case.label}: the compiled decode neither recorded nor replayed a CUDA graph (mode reduce-overhead expected)")
-        return out
-
-    def _baseline(self, case: Any, check: str, metrics: dict[str, Any]) -> list[bl.Finding]:
-        plugin = self.plugin
-        same = plugin.store.get(plugin.machine.hardware_id, case.spec.name)
-        stored = (same.environment.get("setup") if same else None) or None
-        current = plugin.environment()["setup"]
-        if stored is not None and stored != current and not plugin.update:
-            pytest.fail(
-                f"{case.label}: the baseline {same.path} was measured with {stored}, this run with {current}: "  # type: ignore[union-attr]
-                "not comparable; rerun with --llmopt-update-baselines",
-                pytrace=False,
-            )
-        findings, note = plugin.judge(case.spec.name, check, metrics)
-        case.record(**note)
-        return findings
-
-    def _benchmark_loop(self) -> Any:
-        """pytest-benchmark's pedantic mode as the repetition loop, when it is installed and enabled: it
-        times the same synchronized calls with its own clock (no calibration: pedantic mode), so its
-        JSON and compare tools see the whole-call times. Our CUDA-event split goes into extra_info."""
-        if not self.request.config.pluginmanager.has_plugin("benchmark"):  # pytest-benchmark's entry-point name
-            return None
-        bench = self.request.getfixturevalue("benchmark")
-        if getattr(bench, "disabled", True):
-            return None
-        self._bench = bench
-
-        def loop(one_run: Any, repeats: int) -> list[Any]:
-            runs: list[Any] = []
-            bench.pedantic(lambda: runs.append(one_run()), rounds=repeats, iterations=1, warmup_rounds=0)
-            return runs
-
-        return loop
-
-    def _to_benchmark(self, case: Any, metrics: dict[str, Any]) -> None:
-        bench = getattr(self, "_bench", None)
-        if bench is None:
-            return
-        bench.group = f"llmopt {case.spec.name}"
-        bench.extra_info.update({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
-        bench.extra_info["variant"] = case.variant.id
+    def shared(self, item: pytest.Item) -> Any:
+        """The device lock, shared, around every llmopt test (a campaign takes it exclusive)."""
+        names = getattr(item, "fixturenames", ())
+        if "llmopt_case" not in names or "llmopt_speed" in names:
+            return contextlib.nullcontext()
+        return self.lock.shared()
 
 
-def _spread_limit(device_type: str) -> float:
-    from .timing import SPREAD_LIMIT
+def _param(item: pytest.Item) -> Any:
+    from .cases import CaseParam
 
-    return SPREAD_LIMIT["cuda" if device_type == "cuda" else "cpu"]
-
-
-def _compiled_config_without_graphs() -> bool:
-    """transformers' CompileConfig default mode is reduce-overhead (CUDA graphs); a user may change it."""
-    try:
-        from transformers import CompileConfig
-
-        return CompileConfig().mode != "reduce-overhead"
-    except ImportError:
-        return False
-
-
-def prompt_ids(runner: Any) -> Any:
-    """A fixed PROMPT_TOKENS-token prompt (batch 1), on the model's device: the same for every variant."""
-    import torch
-
-    ids = runner.tokenizer(_TEXT, return_tensors="pt")["input_ids"][0]
-    while ids.numel() < PROMPT_TOKENS:
-        ids = torch.cat([ids, ids])
-    return ids[:PROMPT_TOKENS].unsqueeze(0).to(runner.model.device)
-
-
-_TEXT = (
-    "The quick brown fox jumps over the lazy dog while the committee reviews the quarterly report on "
-    "inference latency, memory bandwidth and the cost of serving large language models at batch one."
-)
-
-
-def time_runner(runner: Any, ids: Any, setup: Setup, extra: dict[str, Any], drafts: bool, timed: Any = None) -> tuple[Any, float | None, int | None]:
-    """Time ``runner``'s variant on ``ids``: (Timing, acceptance rate or None, compiled forward calls or None)."""
-    import torch
-
-    from . import compat, instrumentation
-    from .timing import measure
-
-    variant = runner.variant
-    kwargs = compat.generate_kwargs(
-        new_tokens=setup.new_tokens,
-        cache=variant.cache,
-        compile_mode=variant.compile,
-        device_type=runner.machine.device_type,
-        eos_ids=runner.eos_ids,
-        model=runner.model,
-    )
-    kwargs.update(output_logits=False, **extra)
-    mask = torch.ones_like(ids)
-
-    def generate(processors: list[Any]) -> Any:
-        from transformers import LogitsProcessorList
-
-        with runner.active() as model, runner.refusals_skip():
-            eager = compat.eager_generate(model) if variant.compile == "off" else contextlib.nullcontext()
-            with eager:
-                out = model.generate(input_ids=ids, attention_mask=mask, logits_processor=LogitsProcessorList(processors), **kwargs)
-        return out.sequences
-
-    # transformers sizes a new static cache to the longest one this model has seen (_previous_max_cache_length)
-    # and older releases keep it on the model (_cache): forget both, so an earlier check's longer prompt does
-    # not change what is timed here (the warm-ups absorb a recompile this may cause).
-    for name in ("_previous_max_cache_length", "_cache"):
-        runner.model.__dict__.pop(name, None)
-    auto = variant.compile == "auto"
-    warmups = setup.warmups_compiled if variant.compile != "off" else setup.warmups
-    with _maybe(instrumentation.track_drafts() if drafts else None) as stats, _maybe(instrumentation.count_compiled_calls(runner.model) if auto else None) as calls:
-        timing = measure(generate, torch.device(runner.machine.device), ids.shape[1], setup.new_tokens, setup.repeats, warmups, timed)
-    acceptance = stats.acceptance_rate if stats is not None else None
-    return timing, acceptance, (calls["calls"] if calls is not None else None)
-
-
-@contextlib.contextmanager
-def _maybe(manager: Any) -> Iterator[Any]:
-    if manager is None:
-        yield None
-        return
-    with manager as value:
-        yield value
-
-
-def _weight_bytes(model: Any) -> int:
-    return int(sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]))
+    callspec = getattr(item, "callspec", None)
+    param = callspec.params.get("llmopt_case") if callspec else None
+    return param if isinstance(param, CaseParam) else None
 
 
 def _driver_version() -> str | None:

@@ -29,6 +29,8 @@ MARKERS = {
     "llmopt_bitsandbytes": "llmopt_bitsandbytes: the variant needs bitsandbytes (pip install 'pytest-llmopt[cuda]')",
     "llmopt_flash_attn": "llmopt_flash_attn: the variant needs flash-attn (pip install 'pytest-llmopt[flash]')",
     "llmopt_compile": "llmopt_compile: the variant runs torch.compile (slow first call; drop with -m 'not llmopt_compile')",
+    "llmopt_speed": "llmopt_speed(**generate_kwargs): a speed check's generate() arguments (e.g. prompt_lookup_num_tokens=10), "
+    "known at collection so that its model's campaign times it with the others",
 }
 
 
@@ -244,7 +246,8 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, Any, Any]:
     """Out of GPU memory in one test is that test's failure, with one line, and memory is given back
     so that the rest of the session keeps going."""
     try:
-        with _track_peak(item):  # peak GPU memory of every llmopt test, for the report
+        # the device's timing lock, shared (a speed campaign holds it exclusive), and the peak GPU memory of every llmopt test
+        with _device_share(item), _track_peak(item):
             return (yield)
     except Exception as exc:
         if type(exc).__name__ != "OutOfMemoryError":
@@ -253,6 +256,13 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, Any, Any]:
 
         release_memory()
         raise pytest.fail.Exception(f"out of GPU memory: {str(exc).splitlines()[0]}", pytrace=False) from None
+
+
+def _device_share(item: pytest.Item) -> Any:
+    import contextlib
+
+    perf = item.config.pluginmanager.get_plugin("llmopt-perf")
+    return perf.shared(item) if perf is not None else contextlib.nullcontext()
 
 
 def _track_peak(item: pytest.Item) -> Any:

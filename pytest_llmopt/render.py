@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .metrics import FIGURES
 from .outcomes import Status
 from .report import ReportError, Result, to_document
+from .speedview import html_section, markdown_section
 
 SUITE_NAMES = {
     "static_cache": "static cache",
@@ -25,27 +27,12 @@ SUITE_NAMES = {
     "quantization": "quantization",
     "performance": "performance",
 }
-# Figures worth a column, in order, with how to print them.
-FIGURES = {
-    "acceptance_rate": ("acceptance", lambda v: f"{v:.0%}"),
-    "speedup": ("speedup", lambda v: f"{v:.2f}x"),
-    "tokens_per_s": ("tokens/s", lambda v: f"{v:.1f}"),
-    "ttft_ms": ("TTFT ms", lambda v: f"{v:.1f}"),
-    "peak_memory_bytes": ("peak memory", lambda v: _bytes(v)),
-    "footprint_bytes": ("footprint", lambda v: _bytes(v)),
-    "static_cache_bytes": ("kv-cache", lambda v: _bytes(v)),
-    "kv_cache_bytes": ("kv-cache (generate)", lambda v: _bytes(v)),
-    "footprint_ratio": ("footprint vs unquantized", lambda v: f"{v:.3f}x"),
-    "top1_agreement": ("top-1 agreement", lambda v: f"{v:.1%}"),
-    "kl_mean": ("KL mean", lambda v: f"{v:.3g}"),
-    "latency_ratio": ("latency vs unquantized", lambda v: f"{v:.2f}x"),
-    "recompiles": ("recompiles", lambda v: str(v)),
-    "max_delta_logit": ("max Δlogit", lambda v: f"{v:.3g}"),
-    "logits_max_delta": ("max Δlogit (logits)", lambda v: f"{v:.3g}"),
-    "near_ties": ("near-ties", lambda v: str(v)),
-    "ks_pvalue": ("KS p-value", lambda v: f"{v:.3g}"),
-    "roofline_pct": ("% of bandwidth floor", lambda v: f"{v:.0f}%"),
-}
+# Figures worth showing, in order; labels and formats come from the metric registry.
+SHOWN = (
+    "acceptance_rate", "decode_speedup", "speedup", "gpu_ms_per_token", "gpu_busy_pct", "tokens_per_s", "ttft_ms",
+    "peak_memory_bytes", "footprint_bytes", "static_cache_bytes", "kv_cache_bytes", "footprint_ratio", "top1_agreement",
+    "kl_mean", "latency_ratio", "recompiles", "max_delta_logit", "logits_max_delta", "near_ties", "ks_pvalue", "roofline_pct",
+)
 
 # The figure a cell of the matrix shows: the acceptance rate of the first of these drafts that ran.
 HEADLINE_DRAFTS = (
@@ -66,14 +53,6 @@ STATUS_WORD = {
     Status.UNSUPPORTED: "unsupported",
     Status.NOT_RUN: "not run",
 }
-
-
-def _bytes(value: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return str(value)
 
 
 @dataclass
@@ -162,10 +141,16 @@ def environment_line(env: dict[str, Any]) -> str:
 
 def _figures(result: Result) -> list[tuple[str, str]]:
     out = []
-    for key, (label, fmt) in FIGURES.items():
+    intervals = result.metrics.get("intervals") if isinstance(result.metrics.get("intervals"), dict) else {}
+    for key in SHOWN:
         value = result.metrics.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            out.append((label, fmt(value)))
+            figure = FIGURES[key]
+            shown = figure.fmt(value)
+            found = intervals.get(key) if intervals else None
+            if isinstance(found, dict) and isinstance(found.get("low"), (int, float)) and isinstance(found.get("high"), (int, float)):
+                shown += f" [{figure.fmt(found['low'])}, {figure.fmt(found['high'])}]"
+            out.append((figure.label, shown))
     return out
 
 
@@ -190,6 +175,7 @@ def markdown(results: list[Result], envs: list[dict[str, Any]], limit: int = 150
         "⏭ not run on this machine (needs CUDA, flash-attn, ...) · 🐞 known upstream issue",
         "",
     ]
+    lines += markdown_section(results)
     failed = [r for r in results if r.status == Status.FAILED]
     if failed:
         lines += [f"### ❌ Failures ({len(failed)})", "", "| model | check | variant | what broke |", "|---|---|---|---|"]
@@ -271,6 +257,7 @@ def html(results: list[Result], envs: list[dict[str, Any]]) -> str:
         "<p class='env'>green: every check that ran passed · red: a check failed · grey: unsupported by the model or the stack · "
         "yellow: not run on this machine · purple: known upstream issue. Click a cell to list its checks.</p>"
     )
+    out.append(html_section(results))
     out.append("<h2>Checks <small id='shown'>all checks</small></h2>")
     out.append("<table id='details'><thead><tr><th>model</th><th>optimization</th><th>check</th><th>variant</th><th>status</th><th>figures / reason</th></tr></thead><tbody>")
     for r in results:

@@ -138,16 +138,21 @@ class Collector:
 
 
 def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
-    """JSON-safe figures: floats rounded to 6 significant digits (runs differ below that)."""
-    out: dict[str, Any] = {}
-    for key, value in metrics.items():
-        if isinstance(value, float):
-            out[key] = float(f"{value:.6g}")
-        elif isinstance(value, (int, str, bool)) or value is None:
-            out[key] = value
-        else:
-            out[key] = str(value)
-    return out
+    """JSON-safe figures: floats rounded to 6 significant digits (runs differ below that); nested figures (a
+    figure's interval, its verdict) kept as objects and lists."""
+    return {str(key): _plain_value(value) for key, value in metrics.items()}
+
+
+def _plain_value(value: Any) -> Any:
+    if isinstance(value, float):
+        return float(f"{value:.6g}") if value == value and abs(value) != float("inf") else str(value)
+    if isinstance(value, (int, str, bool)) or value is None:
+        return value
+    if isinstance(value, dict):
+        return _plain(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain_value(v) for v in value]
+    return str(value)
 
 
 def environment(session: Any) -> dict[str, Any]:

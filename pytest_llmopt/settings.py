@@ -172,6 +172,18 @@ def _directory(raw: Any, base: Path) -> Path | None:
     return path
 
 
+def _optional_seconds(raw: Any, base: Path) -> float | None:
+    if raw is None or str(raw).strip() == "":
+        return None
+    try:
+        value = float(str(raw).strip())
+    except ValueError:
+        raise ValueError("expected a number of seconds") from None
+    if not 0 < value <= 3600:
+        raise ValueError("expected seconds above 0 and at most 3600")
+    return value
+
+
 def _int_in(low: int, high: int) -> Callable[[Any, Path], int]:
     def convert(raw: Any, base: Path) -> int:
         try:
@@ -286,6 +298,15 @@ OPTIONS: tuple[OptionSpec, ...] = (
         False,
         _bool,
     ),
+    OptionSpec(
+        "speed-budget",
+        "seconds of timed rounds per speed campaign (one per model and weights; warm-ups and compiles apart); "
+        "default 100 on CUDA, 20 on CPU",
+        "str",
+        None,
+        _optional_seconds,
+        "SECONDS",
+    ),
 )
 
 
@@ -307,6 +328,7 @@ class Settings:
     expected_refusals: tuple[Any, ...] = ()  # expect.ExpectedRefusal
     baselines: Path | None = None
     update_baselines: bool = False
+    speed_budget: float | None = None
     sources: dict[str, str] = field(default_factory=dict)
 
 
@@ -359,6 +381,7 @@ def resolve(
         expected_refusals=values["llmopt_expected_refusal"],
         baselines=values["llmopt_baselines"],
         update_baselines=values["llmopt_update_baselines"],
+        speed_budget=values["llmopt_speed_budget"],
         sources=sources,
     )
 

@@ -1,4 +1,4 @@
-"""Timing generate(): prefill and decode apart, compile time apart, repeated runs with their spread.
+"""Timing one generate() call: prefill and decode apart, every step marked; CUDA-graph activity; the roofline.
 
 Why this shape:
 - GPU work is asynchronous, so a wall clock around generate() measures the launch queue unless the
@@ -6,11 +6,9 @@ Why this shape:
   after its forward (a logits processor runs once per generated token, after that token's forward),
   and the first mark splits prefill (time to first token) from decode. On CPU, marks are
   ``time.perf_counter()`` (the CPU is synchronous).
-- The first calls of a compiled path compile (30-45 s on an H100) and record CUDA graphs: warm-up runs
-  use the exact shapes measured, and the first one's excess over a warm run is reported as compile time.
 - A generate() that stops early measures fewer tokens: the count is checked on every run.
-- Repeated runs give a median and a spread, interquartile range over median; a spread above
-  SPREAD_LIMIT makes the figure inconclusive (neither pass nor fail).
+- Beside the stream's time, the host's wall clock and the calling thread's CPU time around the call (how much
+  of it the thread was descheduled). Repetition, interleaving and warm-ups are campaign.py's.
 
 Nothing here imports pytest: the functions are plain and usable from scripts.
 """
@@ -21,15 +19,10 @@ import contextlib
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-
-# Bound on the interquartile range over median of the repeated runs' end-to-end time. On an H100 warm runs of the
-# 1B and 7B shapes differ by < 2 %; a spread past these bounds means something else shares the device
-# (or the CPU), and a verdict from such figures would be noise.
-SPREAD_LIMIT = {"cuda": 0.10, "cpu": 0.25}
 
 
 @dataclass(frozen=True)
@@ -40,79 +33,24 @@ class Run:
     decode_ms: float  # (end of the call - end of the first token's forward) / (new tokens - 1)
     total_ms: float
     new_tokens: int
-
-
-@dataclass
-class Timing:
-    """Warm-up wall times and the timed runs of one path, summarized by medians."""
-
-    runs: list[Run]
-    warmup_ms: list[float] = field(default_factory=list)
-    peak_memory_bytes: int | None = None  # above the level before the warm-ups (perf adds the weights)
-    cudagraph_skips: int | None = None
-    cudagraphs_recorded: int | None = None
-    cudagraph_replays: int | None = None
-    skip_reasons: list[str] = field(default_factory=list)
+    steps_ms: tuple[float, ...] = ()  # between consecutive step marks (one per logits-processor call)
+    wall_ms: float = 0.0  # the host's clock around the call (perf_counter)
+    cpu_ms: float = 0.0  # the calling thread's CPU time meanwhile (thread_time)
 
     @property
-    def total_ms(self) -> float:
-        return statistics.median(r.total_ms for r in self.runs)
+    def step_ms(self) -> float:
+        """The decode figure: the median step (a step hit by a preemption burst does not move it), or, where
+        the marks are not one per token (a draft path calls the processors once per verified position), the
+        decode time per emitted token."""
+        if len(self.steps_ms) == self.new_tokens - 1 and self.steps_ms:
+            return statistics.median(self.steps_ms)
+        return self.decode_ms
 
     @property
-    def ttft_ms(self) -> float:
-        return statistics.median(r.ttft_ms for r in self.runs)
-
-    @property
-    def decode_ms(self) -> float:
-        return statistics.median(r.decode_ms for r in self.runs)
-
-    @property
-    def new_tokens(self) -> int:
-        return self.runs[0].new_tokens
-
-    @property
-    def tokens_per_s(self) -> float:
-        """End-to-end generate() throughput (new tokens / call time), as a user sees it."""
-        return self.new_tokens / (self.total_ms / 1000.0)
-
-    @property
-    def spread(self) -> float:
-        """Interquartile range over median of the runs' end-to-end times (one outlier run, e.g. another
-        process taking the CPU for a moment, does not move it; a drifting or bimodal device does)."""
-        return relative_spread([r.total_ms for r in self.runs])
-
-    @property
-    def compile_s(self) -> float:
-        """How much longer the first warm-up call took than a warm call: compilation and graph capture."""
-        return max(0.0, (self.warmup_ms[0] - self.total_ms) / 1000.0) if self.warmup_ms else 0.0
-
-    def metrics(self) -> dict[str, float | int]:
-        out: dict[str, float | int] = {
-            "ttft_ms": self.ttft_ms,
-            "decode_ms": self.decode_ms,
-            "total_ms": self.total_ms,
-            "tokens_per_s": self.tokens_per_s,
-            "spread": self.spread,
-            "compile_s": self.compile_s,
-            "runs": len(self.runs),
-        }
-        if self.peak_memory_bytes is not None:
-            out["peak_memory_bytes"] = self.peak_memory_bytes
-        if self.cudagraph_skips is not None:
-            out["cudagraph_skips"] = self.cudagraph_skips
-        if self.cudagraphs_recorded is not None:
-            out["cudagraphs_recorded"] = self.cudagraphs_recorded
-        if self.cudagraph_replays is not None:
-            out["cudagraph_replays"] = self.cudagraph_replays
-        return out
-
-
-def relative_spread(values: list[float]) -> float:
-    """(Q3 - Q1) / median, quartiles by the inclusive method; 0 for fewer than 2 values."""
-    if len(values) < 2:
-        return 0.0
-    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return (q3 - q1) / statistics.median(values)
+    def descheduled(self) -> float:
+        """Share of the call's wall time the calling thread was not on a CPU (CUDA waits spin, so on a GPU
+        this is preemption or steal; on CPU, torch's worker threads do the work and this means nothing)."""
+        return max(0.0, 1.0 - self.cpu_ms / self.wall_ms) if self.wall_ms > 0 else 0.0
 
 
 class ShortOutputError(AssertionError):
@@ -149,11 +87,13 @@ def timed_call(generate: Callable[[list[Any]], torch.Tensor], device: torch.devi
     processor = _as_processor(clock)
     if clock.cuda:
         torch.cuda.synchronize(device)
+    wall, cpu = time.perf_counter(), time.thread_time()
     start = clock.mark()
     sequences = generate([processor])
     end = clock.mark()
     if clock.cuda:
         end.synchronize()
+    wall, cpu = (time.perf_counter() - wall) * 1000.0, (time.thread_time() - cpu) * 1000.0
     produced = int(sequences.shape[-1]) - prompt_len
     if produced != new_tokens:
         raise ShortOutputError(f"generate() returned {produced} new tokens instead of the forced {new_tokens}: not comparable")
@@ -163,7 +103,8 @@ def timed_call(generate: Callable[[list[Any]], torch.Tensor], device: torch.devi
     total = clock.ms(start, end)
     ttft = clock.ms(start, first)
     decode = clock.ms(first, end) / max(1, new_tokens - 1)
-    return Run(ttft, decode, total, produced)
+    steps = tuple(clock.ms(a, b) for a, b in zip(clock.marks, clock.marks[1:]))
+    return Run(ttft, decode, total, produced, steps, wall, cpu)
 
 
 def _as_processor(clock: StepClock) -> Any:
@@ -175,45 +116,6 @@ def _as_processor(clock: StepClock) -> Any:
             return clock(input_ids, scores)
 
     return _Clock()
-
-
-def measure(
-    generate: Callable[[list[Any]], torch.Tensor],
-    device: torch.device,
-    prompt_len: int,
-    new_tokens: int,
-    repeats: int,
-    warmups: int,
-    timed: Callable[[Callable[[], Run], int], list[Run]] | None = None,
-) -> Timing:
-    """Warm up, then time ``repeats`` calls; with CUDA, also peak memory and CUDA-graph activity.
-
-    ``timed(one_run, repeats)`` may take over the repetition loop (pytest-benchmark's pedantic mode);
-    it must call ``one_run`` ``repeats`` times and return the runs.
-    """
-    cuda = device.type == "cuda"
-    warm: list[float] = []
-    base = torch.cuda.memory_allocated(device) if cuda else 0
-    with cudagraph_activity() as graphs:
-        for _ in range(warmups):
-            warm.append(timed_call(generate, device, prompt_len, new_tokens).total_ms)
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-
-        def one_run() -> Run:
-            return timed_call(generate, device, prompt_len, new_tokens)
-
-        runs = timed(one_run, repeats) if timed is not None else [one_run() for _ in range(repeats)]
-    timing = Timing(runs, warm)
-    if cuda:
-        # Above the level before the first warm-up: what this path adds to its weights (cache, activations,
-        # graph pools), whatever else the session keeps on the card.
-        timing.peak_memory_bytes = max(0, int(torch.cuda.max_memory_allocated(device)) - base)
-        timing.cudagraph_skips = graphs["skips"]
-        timing.cudagraphs_recorded = graphs["recorded"]
-        timing.cudagraph_replays = graphs["replayed"]
-        timing.skip_reasons = list(dict.fromkeys(graphs["reasons"]))
-    return timing
 
 
 @contextlib.contextmanager

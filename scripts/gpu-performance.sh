@@ -1,36 +1,45 @@
 #!/usr/bin/env bash
-# The performance suite on a CUDA machine, twice, and the independent measurement; then the agreement table.
-# Run from the repository root (flash-attn / bitsandbytes on PYTHONPATH as for scripts/gpu-suites.sh).
-# Usage: OUT=results scripts/gpu-performance.sh [1] [2] [3]   (steps: 1 = run writing baselines into
-# $OUT/baselines, 2 = run comparing with them, 3 = scripts/measure-speed.py; default all three, then the table;
-# 4, 5 = the 1B shape's generate checks against those baselines with compile silently off / a 5 ms delay
-# in every decoding step: both must FAIL naming metric, baseline, measured value and tolerance)
+# The speed protocol on a CUDA machine (issue 28): sessions of the performance suite appended to baselines under
+# $OUT/baselines, one more judged against them (A/A), the independent measurement, injected faults; then the
+# agreement table. Run from the repository root (flash-attn / bitsandbytes on PYTHONPATH: scripts/gpu-site.sh).
+# Usage: OUT=results [MODELS="llama-1b-shape llama-7b-shape"] [BUDGET=100] scripts/gpu-performance.sh STEP...
+#   session   a session appended to the baselines (--llmopt-update-baselines): run it 3 times for a pooled baseline
+#   judge     a session judged against them (no update): an A/A comparison, no regression expected
+#   independent   scripts/measure-speed.py, interleaved
+#   gpu-work:PCT  | host:MS@TEXT | compile-off   a judged session with that fault (scripts/perf_fault_plugin.py),
+#                 on the first model only; each must fail on the figure it slows
+#   table     scripts/compare-speed.py of the last two session reports (and the independent one)
 set -uo pipefail
 out=${OUT:-gpu-performance}
 mkdir -p "$out"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-steps=${*:-1 2 3}
-suite=(suites/test_performance.py -p no:cacheprovider -rfsxX --durations=0
-       --llmopt-model=llama-1b-shape --llmopt-model=llama-7b-shape --llmopt-variants=quant=none
-       "--llmopt-baselines=$out/baselines")
-{
+[[ -f scripts/gpu-site.sh ]] && source scripts/gpu-site.sh
+export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+read -ra models <<< "${MODELS:-llama-1b-shape llama-7b-shape}"
+flags=(suites/test_performance.py -p no:cacheprovider -rfsxX --durations=0 --llmopt-variants=quant=none
+       "--llmopt-baselines=$out/baselines" "--llmopt-speed-budget=${BUDGET:-100}")
+model_flags() { for m in "$@"; do printf -- '--llmopt-model=%s\n' "$m"; done; }
+[[ -f $out/stack.txt ]] || {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
     python3 -c 'import torch, transformers; print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__)'
 } > "$out/stack.txt" 2>&1
-for step in $steps; do
+n=$(ls "$out"/session-*.json 2>/dev/null | wc -l)
+for step in "$@"; do
     start=$SECONDS
     case $step in
-        1) python3 -m pytest "${suite[@]}" --llmopt-update-baselines --llmopt-report="$out/run1.json" --benchmark-json="$out/bench1.json" > "$out/run1.log" 2>&1 ;;
-        2) python3 -m pytest "${suite[@]}" --llmopt-report="$out/run2.json" --benchmark-json="$out/bench2.json" > "$out/run2.log" 2>&1 ;;
-        4) LLMOPT_PERF_FAULT=compile-off PYTHONPATH=scripts:$PYTHONPATH python3 -m pytest "${suite[@]}" -p perf_fault_plugin \
-               -k "test_generate_speed and llama-1b" > "$out/fault-compile-off.log" 2>&1 ;;
-        5) LLMOPT_PERF_FAULT=decode-delay:5 PYTHONPATH=scripts:$PYTHONPATH python3 -m pytest "${suite[@]}" -p perf_fault_plugin \
-               -k "test_generate_speed and llama-1b" > "$out/fault-decode-delay.log" 2>&1 ;;
-        3) python3 scripts/measure-speed.py --shape llama-1b-shape --shape llama-7b-shape --new-tokens 64 --repeats 5 --out "$out/independent.json" > "$out/independent.log" 2>&1 ;;
+        session) n=$((n + 1)); python3 -m pytest "${flags[@]}" $(model_flags "${models[@]}") --llmopt-update-baselines \
+                     --llmopt-report="$out/session-$n.json" > "$out/session-$n.log" 2>&1 ;;
+        judge) n=$((n + 1)); python3 -m pytest "${flags[@]}" $(model_flags "${models[@]}") \
+                     --llmopt-report="$out/session-$n.json" > "$out/session-$n.log" 2>&1 ;;
+        independent) python3 scripts/measure-speed.py $(printf -- '--shape %s ' "${models[@]}") --new-tokens 32 --rounds 12 \
+                     --out "$out/independent.json" > "$out/independent.log" 2>&1 ;;
+        gpu-work:*|host:*|compile-off)
+            name=${step//[^A-Za-z0-9_.-]/_}
+            fault=$step; [[ $step == host:* ]] && fault=decode-delay:${step#host:}
+            LLMOPT_PERF_FAULT=$fault LLMOPT_PERF_FAULT_BASELINE=$(ls "$out"/baselines/*/"${models[0]}".json | head -1) \
+                PYTHONPATH=scripts:$PYTHONPATH python3 -m pytest "${flags[@]}" $(model_flags "${models[0]}") -p perf_fault_plugin \
+                --llmopt-report="$out/fault-$name.json" > "$out/fault-$name.log" 2>&1 ;;
+        table) last=$(ls -v "$out"/session-*.json | tail -2)
+               python3 scripts/compare-speed.py $last $([[ -f $out/independent.json ]] && echo "$out/independent.json") > "$out/agreement.md" ;;
     esac
     echo "step $step: exit $?, wall $((SECONDS - start)) s" | tee -a "$out/walls.txt"
 done
-if [[ -f $out/run1.json && -f $out/run2.json ]]; then
-    python3 scripts/compare-speed.py "$out/run1.json" "$out/run2.json" $([[ -f $out/independent.json ]] && echo "$out/independent.json") | tee "$out/agreement.md"
-fi
-tail -n 30 "$out"/run*.log "$out"/fault-*.log 2>/dev/null

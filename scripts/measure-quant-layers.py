@@ -79,7 +79,7 @@ def main() -> int:
     parser.add_argument("--report", type=Path)
     args = parser.parse_args()
     rows = from_report(args.report) if args.report else measure(args.model, args.schemes.split(","), args.device)
-    print(f"\n| model | scheme | layers | error (median / max) | gap (median / max) | worst layer |\n|---|---|---:|---|---|---|")
+    print("\n| model | scheme | layers | error (median / max) | gap (median / max) | worst layer |\n|---|---|---:|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['scheme']} | {r['layers']} | {r['layer_error_median']:.4f} / {r['layer_error_max']:.4f} | "
               f"{r['layer_gap_median']:.3f} / {r['layer_gap_max']:.3f} | {r['layer_gap_worst']} |")

@@ -4,16 +4,21 @@
 Builds the same random-weight Llama shapes as the plugin's built-ins (configs copied here on purpose),
 and times whole generate() calls: dynamic cache eager vs static cache with generate()'s auto-compile,
 batch 1, bf16, SDPA, a prompt of random token ids, exactly N new tokens (min_new_tokens = max_new_tokens).
+Interleaved like the suite's campaign (the design it checks, written again here): after the warm-ups, each
+round times the dynamic path twice (an A/A pair) and the static path once, in a random order; the speedup is
+the 20 %-trimmed mean of the per-round log ratios with Yuen's standard error, and its 95 % interval.
 Its speedup is the check on the suite's `speedup` figure of test_generate_speed[static+compile/...].
 
-    python scripts/measure-speed.py --shape llama-1b-shape --shape llama-7b-shape --new-tokens 64 \
-        --repeats 5 --out independent.json
+    python scripts/measure-speed.py --shape llama-1b-shape --shape llama-7b-shape --new-tokens 32 \
+        --rounds 12 --out independent.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import random
 import statistics
 import time
 from typing import Any
@@ -48,32 +53,57 @@ def build(shape: str) -> Any:
     return model.eval()
 
 
-def time_generate(model: Any, ids: torch.Tensor, new_tokens: int, repeats: int, warmups: int, **kwargs: Any) -> dict[str, Any]:
-    """Median and spread of whole generate() calls timed with CUDA events; warm-up times apart."""
+def call_ms(model: Any, ids: torch.Tensor, new_tokens: int, **kwargs: Any) -> float:
+    """One whole generate() call timed with CUDA events."""
     args = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, attention_mask=torch.ones_like(ids), **kwargs)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    with torch.no_grad():
+        out = model.generate(ids, **args)
+    end.record()
+    end.synchronize()
+    assert out.shape[1] - ids.shape[1] == new_tokens, f"got {out.shape[1] - ids.shape[1]} tokens, not {new_tokens}"
+    return start.elapsed_time(end)
 
-    def once() -> float:
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        with torch.no_grad():
-            out = model.generate(ids, **args)
-        end.record()
-        end.synchronize()
-        assert out.shape[1] - ids.shape[1] == new_tokens, f"got {out.shape[1] - ids.shape[1]} tokens, not {new_tokens}"
-        return start.elapsed_time(end)
 
+def trimmed(logs: list[float]) -> dict[str, float]:
+    """20 %-trimmed mean and Yuen's standard error of ``logs``; the ratio exp(mean) and its 95 % interval (t quantile
+    from a small table: this script shares no code with the plugin)."""
+    values = sorted(logs)
+    n = len(values)
+    g = int(0.2 * n)
+    kept = values[g : n - g]
+    mean = statistics.fmean(kept)
+    winsorized = [values[g]] * g + kept + [values[n - g - 1]] * g
+    se = statistics.stdev(winsorized) / ((1 - 2 * g / n) * math.sqrt(n))
+    df = len(kept) - 1
+    t = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 12: 2.18, 15: 2.13, 20: 2.09, 30: 2.04}
+    q = t[min(t, key=lambda k: (abs(k - df), k))] if df < 30 else 1.96
+    return {"value": math.exp(mean), "low": math.exp(mean - q * se), "high": math.exp(mean + q * se), "log": mean, "se": se, "n": n}
+
+
+def interleaved(model: Any, ids: torch.Tensor, new_tokens: int, rounds: int, seed: int) -> dict[str, Any]:
+    """Warm both paths, then ``rounds`` rounds of dynamic, dynamic again and static in a random order."""
+    paths = {"dynamic": {"disable_compile": True}, "static": {"cache_implementation": "static"}}
+    warm = {"dynamic": [call_ms(model, ids, new_tokens, **paths["dynamic"])], "static": [call_ms(model, ids, new_tokens, **paths["static"]) for _ in range(3)]}
+    rng = random.Random(seed)
+    times: dict[str, list[float]] = {"dynamic": [], "dynamic'": [], "static": []}
     wall = time.perf_counter()
-    warm = [once() for _ in range(warmups)]
-    times = [once() for _ in range(repeats)]
-    median = statistics.median(times)
+    for _ in range(rounds):
+        slots = list(times)
+        rng.shuffle(slots)
+        for slot in slots:
+            times[slot].append(call_ms(model, ids, new_tokens, **paths[slot.rstrip("'")]))
+    speedup = trimmed([0.5 * (math.log(a) + math.log(b)) - math.log(c) for a, b, c in zip(times["dynamic"], times["dynamic'"], times["static"])])
+    aa = trimmed([math.log(a) - math.log(b) for a, b in zip(times["dynamic"], times["dynamic'"])])
     return {
-        "median_ms": median,
-        "min_ms": min(times),
-        "max_ms": max(times),
+        "speedup": speedup,
+        "aa": aa,
+        "dynamic_median_ms": statistics.median(times["dynamic"] + times["dynamic'"]),
+        "static_median_ms": statistics.median(times["static"]),
         "times_ms": times,
         "warmup_ms": warm,
-        "tokens_per_s": new_tokens / (median / 1000),
         "seconds": time.perf_counter() - wall,
     }
 
@@ -81,9 +111,10 @@ def time_generate(model: Any, ids: torch.Tensor, new_tokens: int, repeats: int, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", action="append", choices=sorted(SHAPES), required=True)
-    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     result: dict[str, Any] = {
@@ -95,22 +126,18 @@ def main() -> None:
         },
         "new_tokens": args.new_tokens,
         "prompt_tokens": args.prompt_tokens,
-        "repeats": args.repeats,
+        "rounds": args.rounds,
         "shapes": {},
     }
     for shape in args.shape:
         model = build(shape)
         ids = torch.randint(100, model.config.vocab_size, (1, args.prompt_tokens), device="cuda", generator=None)
-        dynamic = time_generate(model, ids, args.new_tokens, args.repeats, 1, disable_compile=True)
-        static = time_generate(model, ids, args.new_tokens, args.repeats, 2, cache_implementation="static")
-        result["shapes"][shape] = {
-            "dynamic_eager": dynamic,
-            "static_auto_compile": static,
-            "speedup": dynamic["median_ms"] / static["median_ms"],
-        }
-        print(f"{shape}: dynamic eager {dynamic['median_ms']:.1f} ms ({dynamic['tokens_per_s']:.0f} tok/s), "
-              f"static+compile {static['median_ms']:.1f} ms ({static['tokens_per_s']:.0f} tok/s), "
-              f"speedup {dynamic['median_ms'] / static['median_ms']:.2f}x", flush=True)
+        found = interleaved(model, ids, args.new_tokens, args.rounds, args.seed)
+        result["shapes"][shape] = found
+        sp, aa = found["speedup"], found["aa"]
+        print(f"{shape}: dynamic eager {found['dynamic_median_ms']:.1f} ms, static+compile {found['static_median_ms']:.1f} ms, "
+              f"speedup {sp['value']:.2f}x [{sp['low']:.2f}, {sp['high']:.2f}] over {sp['n']} rounds; A/A {aa['value']:.3f} "
+              f"[{aa['low']:.3f}, {aa['high']:.3f}]", flush=True)
         del model
         torch.cuda.empty_cache()
     with open(args.out, "w", encoding="utf-8") as handle:

@@ -17,7 +17,6 @@ the same release. Exit status: 1 where a check failed, 0 otherwise (2: the relea
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import subprocess

@@ -3,94 +3,104 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
 from pytest_llmopt import baselines as bl
+from pytest_llmopt import stats
 from pytest_llmopt import timing as tm
 
 CHECK = "performance::test_generate_speed[static+compile/sdpa/bf16]"
 
 
-def metric(value: float, tolerance: float = 0.1, direction: str = "higher", kind: str = "ratio") -> bl.Metric:
-    return bl.Metric(value, tolerance, direction, kind)
+def fixed(value: float, tolerance: float | None = None) -> bl.Stored:
+    return bl.Stored(value, tolerance)
+
+
+def timed(*values: float, band: str = "mixed", se: float = 0.01, host: str = "") -> bl.Stored:
+    return bl.Stored(band=band, sessions=[bl.Session(v, se, 12, host=host) for v in values])
+
+
+def now(value: float, se: float = 0.01, band: str = "mixed") -> bl.Measured:
+    return bl.Measured(value, stats.Estimate(math.log(value), se, 12, 9), band)
 
 
 @pytest.mark.parametrize(
-    ("direction", "measured", "verdict"),
+    ("name", "measured", "verdict"),
     [
-        ("higher", 3.0, "ok"),
-        ("higher", 2.75, "ok"),  # 8.3 % worse, inside 10 %
-        ("higher", 2.6, "regression"),  # 13 % worse
-        ("higher", 3.5, "improvement"),
-        ("lower", 3.25, "ok"),
-        ("lower", 3.5, "regression"),  # a latency 17 % higher
-        ("lower", 2.5, "improvement"),
+        ("peak_memory_bytes", 1000.0, "ok"),
+        ("peak_memory_bytes", 1015.0, "ok"),  # 1.5 % more, inside 2 %
+        ("peak_memory_bytes", 1030.0, "regression"),
+        ("peak_memory_bytes", 900.0, "improvement"),
+        ("acceptance_rate", 985.0, "ok"),  # absolute tolerance: 0.02 of a rate, here scaled by the value
+        ("static_cache_bytes", 1001.0, "regression"),  # cache sizes exactly
     ],
 )
-def test_judge_follows_the_direction_and_the_relative_tolerance(direction: str, measured: float, verdict: str) -> None:
-    assert bl.judge(CHECK, "x", measured, metric(3.0, 0.1, direction)).verdict == verdict
+def test_fixed_figures_follow_the_registry_direction_and_tolerance(name: str, measured: float, verdict: str) -> None:
+    base = 1000.0 if name != "acceptance_rate" else 985.0
+    assert bl.judge_fixed(CHECK, name, measured, fixed(base)).verdict == verdict
 
 
-def test_a_zero_baseline_is_judged_by_absolute_difference() -> None:
-    assert bl.judge(CHECK, "acceptance_rate", 0.04, metric(0.0, 0.05)).verdict == "ok"
-    assert bl.judge(CHECK, "recompiles", 1.0, metric(0.0, 0.0, "lower")).verdict == "regression"
-
-
-def test_failure_text_names_metric_baseline_measured_and_tolerance() -> None:
-    finding = bl.judge(CHECK, "decode_ms", 9.1, metric(7.07, 0.1, "lower", "absolute"), "baselines/h100/llama.json")
+def test_a_tuned_tolerance_is_kept_and_named() -> None:
+    finding = bl.judge_fixed(CHECK, "peak_memory_bytes", 1100.0, fixed(1000.0, 0.2), "baselines/h200/m.json")
+    assert finding.verdict == "ok"
+    finding = bl.judge_fixed(CHECK, "peak_memory_bytes", 1300.0, fixed(1000.0, 0.2), "baselines/h200/m.json")
     text = bl.failure_text("static+compile vs dynamic", [finding])
-    assert "decode_ms: measured 9.1, baseline 7.07 (+28.7%; tolerance 10% absolute, lower is better)" in text
-    assert "baselines/h100/llama.json" in text and "--llmopt-update-baselines" in text
+    assert "peak_memory_bytes: measured 1.3 KiB, baseline 1000 B: regression (+30.0%; tolerance 20%, lower is better) from baselines/h200/m.json" in text
+    assert "--llmopt-update-baselines" in text
 
 
-def _file(tmp_path: Path, hardware: str, checks: dict[str, dict[str, bl.Metric]]) -> bl.BaselineFile:
-    return bl.BaselineFile(tmp_path / hardware / "m.json", hardware, "m", {}, checks)
+def test_timed_figures_are_judged_by_interval_against_pooled_sessions() -> None:
+    steady = timed(4.0, 4.04, 3.96, 4.02)
+    assert bl.judge_timed(CHECK, "decode_speedup", now(4.01), steady).verdict == "ok"
+    slow = bl.judge_timed(CHECK, "decode_speedup", now(3.5), steady, "b.json")
+    assert slow.verdict == "regression" and "4 sessions, between-session sd" in slow.detail and "regression: -12." in slow.detail
+    assert bl.judge_timed(CHECK, "decode_speedup", now(3.5, se=0.2), steady).verdict == "inconclusive"
+    one = bl.judge_timed(CHECK, "decode_speedup", now(3.8), timed(4.0, band="host"))
+    assert one.verdict == "inconclusive" and "1 session, provisional, between-session sd 25.0%" in one.detail
+    moved = bl.judge_timed(CHECK, "decode_speedup", now(4.0, band="host"), timed(4.0, 4.0, 4.0, band="gpu"))
+    assert "was gpu-bound, now host-bound" in moved.detail
 
 
-def test_ratios_cross_machines_absolutes_do_not(tmp_path: Path) -> None:
-    other = _file(tmp_path, "a100", {CHECK: {"speedup": metric(4.0), "decode_ms": metric(2.0, 0.1, "lower", "absolute")}})
-    found = {f.metric: f for f in bl.compare(CHECK, {"speedup": 2.0, "decode_ms": 9.0, "total_ms": 5.0}, None, other)}
-    assert found["speedup"].verdict == "regression"
-    assert found["decode_ms"].verdict == "other hardware" and found["decode_ms"].baseline is None
-    assert "total_ms" not in found  # not a baselined figure
-    same = _file(tmp_path, "h100", {CHECK: {"decode_ms": metric(2.0, 0.1, "lower", "absolute")}})
-    found = {f.metric: f for f in bl.compare(CHECK, {"speedup": 2.0, "decode_ms": 9.0}, same, other)}
-    assert found["decode_ms"].verdict == "regression"
-    assert found["speedup"].verdict == "regression" and "a100" in found["speedup"].source  # a ratio the own file lacks
+def test_what_travels_between_machines_follows_the_registry(tmp_path: Path) -> None:
+    other = bl.BaselineFile(tmp_path / "h100" / "m.json", "h100", "m", {}, {CHECK: {"acceptance_rate": fixed(0.9), "gpu_ms_per_token": timed(2.0, band="gpu-work")}})
+    found = {f.metric: f for f in bl.compare(CHECK, {"acceptance_rate": bl.Measured(0.5), "gpu_ms_per_token": now(2.0), "step_ms": bl.Measured(5.0)}, None, other)}
+    assert found["acceptance_rate"].verdict == "regression"  # deterministic: any machine
+    assert found["gpu_ms_per_token"].verdict == "other hardware"  # the GPU's work: the same card only
+    assert "step_ms" not in found  # information, never judged
+    same = bl.BaselineFile(tmp_path / "h200" / "m.json", "h200", "m", {}, {CHECK: {"decode_speedup": timed(4.0, 4.0, 4.0, host="xeon x16")}})
+    elsewhere = bl.compare(CHECK, {"decode_speedup": now(4.0)}, same, None, host="epyc x32")
+    assert elsewhere[0].verdict == "other host"  # a wall-time ratio: the same host class only
+    assert bl.compare(CHECK, {"decode_speedup": now(4.0)}, same, None, host="xeon x16")[0].verdict == "ok"
 
 
-def test_update_writes_only_measured_figures_and_keeps_tuned_tolerances(tmp_path: Path) -> None:
+def test_update_appends_sessions_keeps_tuned_tolerances_and_restarts_on_another_stack(tmp_path: Path) -> None:
     store = bl.Store(tmp_path)
-    path = store.path("h100-80gb-hbm3", "llama-1b-shape")
-    path.parent.mkdir(parents=True)
+    env = {"torch": "2.11", "transformers": "5.17", "setup": {"new_tokens": 32}}
     kept_check = "performance::test_attention_speed[dynamic/eager/bf16]"
-    path.write_text(
-        json.dumps(
-            {
-                "schema": 1,
-                "hardware": "h100-80gb-hbm3",
-                "model": "llama-1b-shape",
-                "environment": {"torch": "old"},
-                "checks": {
-                    CHECK: {
-                        "speedup": {"value": 3.0, "tolerance": 0.2, "direction": "higher", "kind": "ratio"},
-                        "ttft_ms": {"value": 30.0, "tolerance": 0.15, "direction": "lower", "kind": "absolute"},
-                    },
-                    kept_check: {"speedup": {"value": 0.8, "tolerance": 0.1, "direction": "higher", "kind": "ratio"}},
-                },
-            }
-        )
-    )
-    store.update("h100-80gb-hbm3", "llama-1b-shape", {"torch": "new"}, CHECK, {"speedup": 4.123456789, "total_ms": 9.0, "note": "x"})
-    doc = bl.load(path)
-    assert doc.checks[CHECK]["speedup"] == bl.Metric(4.12346, 0.2, "higher", "ratio")  # tuned tolerance kept
-    assert doc.checks[CHECK]["ttft_ms"].value == 30.0  # not measured this time: untouched
-    assert "total_ms" not in doc.checks[CHECK]  # not a baselined figure
-    assert doc.checks[kept_check]["speedup"].value == 0.8
-    assert doc.environment == {"torch": "new"}
+    store.update("h200", "llama-1b-shape", env, kept_check, {"decode_speedup": now(0.8)})
+    for value in (4.0, 4.1):
+        store.update("h200", "llama-1b-shape", env, CHECK, {"decode_speedup": now(value), "peak_memory_bytes": bl.Measured(2e9), "step_ms": bl.Measured(3.0)})
+    path = store.path("h200", "llama-1b-shape")
+    doc = json.loads(path.read_text())
+    doc["checks"][CHECK]["peak_memory_bytes"]["tolerance"] = 0.05  # tuned by hand
+    path.write_text(json.dumps(doc))
+    store = bl.Store(tmp_path)
+    store.update("h200", "llama-1b-shape", env, CHECK, {"decode_speedup": now(4.2), "peak_memory_bytes": bl.Measured(2.1e9)})
+    loaded = bl.load(path)
+    figures = loaded.checks[CHECK]
+    assert [s.value for s in figures["decode_speedup"].sessions] == [4.0, 4.1, 4.2]
+    assert figures["peak_memory_bytes"].value == 2.1e9 and figures["peak_memory_bytes"].tolerance == 0.05
+    assert "step_ms" not in figures  # not a judged figure
+    assert loaded.checks[kept_check]["decode_speedup"].sessions[0].value == 0.8
+    assert not store.restarted
+    store.update("h200", "llama-1b-shape", {**env, "transformers": "5.25"}, CHECK, {"decode_speedup": now(3.0)})
+    loaded = bl.load(path)
+    assert [s.value for s in loaded.checks[CHECK]["decode_speedup"].sessions] == [3.0]  # sessions of two stacks never pooled
+    assert "decode_speedup" not in loaded.checks[kept_check] and path in store.restarted
     assert sorted(p.name for p in path.parent.iterdir()) == ["llama-1b-shape.json"]  # no temporary or lock file left
 
 
@@ -112,11 +122,13 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path: Path, mon
     ("text", "says"),
     [
         ("{not json", "not JSON"),
-        ('{"schema": 2, "hardware": "h", "model": "m", "checks": {}}', "schema 2"),
-        ('{"schema": 1, "hardware": "h", "model": "m"}', "'checks' must be"),
-        ('{"schema": 1, "hardware": "h", "model": "m", "checks": {"c": {"speedup": {"value": "fast", "tolerance": 0.1, "direction": "higher", "kind": "ratio"}}}}', "'value' must be"),
-        ('{"schema": 1, "hardware": "h", "model": "m", "checks": {"c": {"speedup": {"value": 1, "tolerance": -1, "direction": "higher", "kind": "ratio"}}}}', "'tolerance' must be"),
-        ('{"schema": 1, "hardware": "h", "model": "m", "checks": {"c": {"speedup": {"value": 1, "tolerance": 0.1, "direction": "up", "kind": "ratio"}}}}', "'direction' must be"),
+        ('{"schema": 1, "hardware": "h", "model": "m", "checks": {}}', "rewrite it with --llmopt-update-baselines"),
+        ('{"schema": 2, "hardware": "h", "model": "m"}', "'checks' must be"),
+        ('{"schema": 2, "hardware": "h", "model": "m", "checks": {"c": {"peak_memory_bytes": {"value": "big"}}}}', "'value' must be"),
+        ('{"schema": 2, "hardware": "h", "model": "m", "checks": {"c": {"peak_memory_bytes": {"value": 1, "tolerance": -1}}}}', "'tolerance' must be"),
+        ('{"schema": 2, "hardware": "h", "model": "m", "checks": {"c": {"speedup": {"band": "fast", "sessions": []}}}}', "'band' must be one of"),
+        ('{"schema": 2, "hardware": "h", "model": "m", "checks": {"c": {"speedup": {"band": "gpu", "sessions": [{"value": -1, "se": 0, "n": 3}]}}}}', "'value' must be a positive"),
+        ('{"schema": 2, "hardware": "h", "model": "m", "checks": {"c": {"step_ms": {"value": 1}}}}', "not a judged figure"),
     ],
 )
 def test_a_malformed_file_is_one_error_naming_it(tmp_path: Path, text: str, says: str) -> None:
@@ -130,17 +142,11 @@ def test_a_malformed_file_is_one_error_naming_it(tmp_path: Path, text: str, says
 def test_other_hardware_stays_within_the_device_type(tmp_path: Path) -> None:
     store = bl.Store(tmp_path)
     for hardware in ("cpu-x86_64", "h100-80gb-hbm3"):
-        store.update(hardware, "m", {}, CHECK, {"speedup": 2.0})
+        store.update(hardware, "m", {}, CHECK, {"acceptance_rate": bl.Measured(0.5)})
     assert store.other_hardware("a100-sxm4-80gb", "m", "cuda").hardware == "h100-80gb-hbm3"  # type: ignore[union-attr]
     assert store.other_hardware("cpu-aarch64", "m", "cpu").hardware == "cpu-x86_64"  # type: ignore[union-attr]
     assert store.other_hardware("cpu-aarch64", "other-model", "cpu") is None
     assert store.path("h", "org/name").name == "org--name.json"
-
-
-def test_spread_is_robust_to_one_outlier_but_not_to_a_bimodal_device() -> None:
-    assert tm.relative_spread([10.0, 10.1, 9.9, 10.0, 30.0]) < 0.05
-    assert tm.relative_spread([10.0, 20.0, 10.0, 20.0, 10.0]) > 0.5
-    assert tm.relative_spread([10.0]) == 0.0
 
 
 def test_timed_call_splits_prefill_from_decode_and_checks_the_length() -> None:
@@ -164,10 +170,12 @@ def test_timed_call_splits_prefill_from_decode_and_checks_the_length() -> None:
 
 
 def test_compile_time_is_the_first_warm_up_beyond_a_warm_run() -> None:
-    runs = [tm.Run(1.0, 2.0, 100.0, 8) for _ in range(3)]
-    timing = tm.Timing(runs, warmup_ms=[5100.0, 100.0])
-    assert timing.compile_s == pytest.approx(5.0)
-    assert timing.tokens_per_s == pytest.approx(80.0)
+    from pytest_llmopt.campaign import PathRecord
+
+    record = PathRecord("p", warmups_ms=[5100.0, 100.0], runs={i: tm.Run(1.0, 2.0, 100.0, 8) for i in range(3)})
+    assert record.compile_s == pytest.approx(5.0)
+    assert tm.Run(1.0, 2.0, 100.0, 8, (1.0, 9.0, 1.2, 1.1, 1.0, 1.3, 1.1)).step_ms == pytest.approx(1.1)  # the median step
+    assert tm.Run(1.0, 2.0, 100.0, 8, (1.0, 0.0)).step_ms == 2.0  # marks not one per token (drafts): decode per token
 
 
 def test_roofline_of_the_7b_shape_matches_the_reference_floor() -> None:

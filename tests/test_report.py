@@ -110,6 +110,20 @@ def _result(status: str = "passed", **metrics: float) -> Result:
     return Result("speculative", "test_x", "m", "dynamic/sdpa/bf16", status, metrics=dict(metrics))
 
 
+def _timed(value: float, se: float, band: str = "gpu") -> Result:
+    import math
+
+    interval = {"log": math.log(value), "se": se, "low": value * math.exp(-2 * se), "high": value * math.exp(2 * se), "band": band}
+    return _result(decode_speedup=value, intervals={"decode_speedup": interval})  # type: ignore[arg-type]
+
+
+def test_compare_shows_a_changed_timed_figure_with_both_intervals() -> None:
+    changes, _ = compare([_timed(4.0, 0.005)], [_timed(3.6, 0.005)])
+    (change,) = changes
+    assert change.base == "4.00x [3.96x, 4.04x]" and change.candidate == "3.60x [3.56x, 3.64x]"
+    assert change.note.startswith("regression: -10.0% [") and "(band gpu)" in change.note
+
+
 @pytest.mark.parametrize(
     ("base", "candidate", "kind"),
     [
@@ -120,8 +134,11 @@ def _result(status: str = "passed", **metrics: float) -> Result:
         (_result(), _result("not-exercised"), "regression"),
         (_result(acceptance_rate=0.90), _result(acceptance_rate=0.85), "regression"),
         (_result(acceptance_rate=0.90), _result(acceptance_rate=0.89), None),
-        (_result(speedup=4.0), _result(speedup=3.6), "regression"),
-        (_result(speedup=4.0), _result(speedup=3.9), None),
+        (_result(speedup=4.0), _result(speedup=3.6), "change"),  # no intervals: undecided within a one-session band (10 %)
+        (_result(speedup=4.0), _result(speedup=2.0), "regression"),
+        (_timed(4.0, 0.005), _timed(3.6, 0.005), "regression"),  # with intervals: 10 % slower, both tight
+        (_timed(4.0, 0.005), _timed(3.6, 0.2), "change"),  # a noisy candidate: inconclusive, shown, not failing
+        (_timed(4.0, 0.005), _timed(3.96, 0.005), None),
         (_result(peak_memory_bytes=100), _result(peak_memory_bytes=110), "regression"),
         (_result(peak_memory_bytes=100), _result(peak_memory_bytes=80), "improvement"),
         (_result(recompiles=0), _result(recompiles=1), "regression"),

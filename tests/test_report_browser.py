@@ -78,3 +78,42 @@ def test_clicking_a_cell_lists_its_checks_and_clicking_again_lists_all(page) -> 
     assert "does not declare _can_compile_fullgraph" in visible.all_inner_texts()[0]
     _cell(page, "tiny-gptneo", "static_cache").click()
     assert visible.count() == len(RESULTS) and page.locator("#shown").inner_text() == "all checks"
+
+
+def _speed(variant: str, value: float, low: float, high: float, verdict: str | None, busy: float | None) -> Result:
+    metrics: dict = {"decode_speedup": value, "intervals": {"decode_speedup": {"low": low, "high": high, "band": "mixed"}}}
+    if verdict:
+        metrics["verdicts"] = {"decode_speedup": {"verdict": verdict, "text": f"{verdict}: example", "baseline": 4.0, "band": [3.6, 4.4]}}
+    if busy is not None:
+        metrics["gpu_busy_pct"] = busy
+    return Result("performance", "test_generate_speed", "llama-1b-shape", variant, "passed" if verdict != "regression" else "failed", metrics=metrics)
+
+
+def test_the_speed_chart_draws_intervals_baseline_bands_verdicts_and_gpu_busy(tmp_path: Path) -> None:
+    results = [
+        _speed("static+compile/sdpa/bf16", 4.1, 3.9, 4.3, "ok", 46.0),
+        _speed("static/sdpa/bf16", 0.7, 0.6, 0.8, "regression", 12.0),
+        _speed("dynamic/eager/bf16", 0.9, 0.5, 1.6, None, None),
+    ]
+    path = tmp_path / "speed.html"
+    write(path, results, [ENV])
+    with playwright.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
+        tab = browser.new_page()
+        tab.goto(path.as_uri())
+        chart = tab.locator("svg.speed")
+        assert chart.count() == 1 and chart.get_attribute("aria-label") == "speedups of llama-1b-shape over the plain path"
+        rows = chart.locator("g.row")
+        assert rows.count() == 3
+        assert [rows.nth(i).get_attribute("data-verdict") for i in range(3)] == ["ok", "regression", "none"]
+        dots = [rows.nth(i).locator("circle.estimate").evaluate("e => getComputedStyle(e).fill") for i in range(3)]
+        assert dots == ["rgb(26, 127, 55)", "rgb(207, 34, 46)", "rgb(87, 96, 106)"]
+        assert rows.nth(0).locator("rect.baseline").count() == 1 and rows.nth(2).locator("rect.baseline").count() == 0
+        # the interval is drawn to scale: the compiled row's whisker is narrower than the noisy eager one's
+        widths = [rows.nth(i).locator("line.interval").bounding_box()["width"] for i in (0, 2)]  # type: ignore[index]
+        assert widths[0] < widths[1]
+        busy = [rows.nth(i).locator("rect.busy").bounding_box()["width"] for i in (0, 1)]  # type: ignore[index]
+        assert busy[0] == pytest.approx(46 * 0.8, abs=1) and busy[1] == pytest.approx(12 * 0.8, abs=1)
+        assert "regression: example" in (rows.nth(1).locator("title").text_content() or "")
+        tab.screenshot(path=str(tmp_path / "speed.png"), full_page=True)
+        browser.close()

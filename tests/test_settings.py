@@ -26,6 +26,7 @@ SAMPLES = {
     "expected-refusal": ("transformers>=5.0: not supported", (parse_refusal("transformers>=5.0: not supported"),)),
     "baselines": (None, None),  # a directory: tests/test_baselines.py
     "update-baselines": ("yes", True),
+    "speed-budget": ("45", 45.0),
 }
 ANOTHER = {
     "model": "tiny-gemma2",
@@ -38,6 +39,7 @@ ANOTHER = {
     "new-tokens": "6",
     "update-baselines": "0",
     "expected-refusal": "torch<3: refused",
+    "speed-budget": "30",
 }
 
 
@@ -92,6 +94,8 @@ def test_empty_environment_value_falls_through_to_ini(tmp_path):
         ("new-tokens", "many", "expected an integer"),
         ("prompts", "no-such-file.txt", "no such file"),
         ("report", "report.pdf", "extension must be"),
+        ("speed-budget", "0", "above 0"),
+        ("speed-budget", "soon", "expected a number of seconds"),
     ],
 )
 def test_bad_values_name_their_source(name, bad, fragment, tmp_path):

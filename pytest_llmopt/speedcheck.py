@@ -1,0 +1,120 @@
+"""A speed check (the ``llmopt_speed`` fixture): the figures of its path from its model's campaign, run once per
+session (speedrun.py) whichever worker gets there first; their verdicts against the baseline; the record."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+
+from . import baselines as bl
+from . import metrics as mx
+from . import outcomes
+from .speedplan import Group, Planned, check_key
+from .speedrun import Figures, Outcome, load_shared, run, save_shared, shared_path
+
+
+class SpeedCheck:
+    def __init__(self, plugin: Any, request: pytest.FixtureRequest) -> None:
+        self.plugin = plugin
+        self.request = request
+
+    def check(self, case: Any) -> dict[str, Any]:
+        """Time ``case`` in its model's campaign; record, judge against the baseline. Returns the recorded figures."""
+        plugin = self.plugin
+        key = check_key(case.node, case.variant.id)
+        group = plugin.groups.get((case.spec.name, case.variant.quant))
+        if group is None or key not in group.planned:
+            # not planned at collection (a test outside the suites' markers): a campaign of its own
+            group = Group(case.spec.name, case.variant.quant)
+            marker = case.node.get_closest_marker("llmopt_speed")
+            group.planned[key] = Planned(key, case.param, dict(marker.kwargs) if marker else {})
+        outcome = self._outcome(group, case)
+        if key in outcome.raised:
+            with case.explain("timing"):
+                raise outcome.raised[key].rebuild()
+        figures = outcome.figures[key]
+        case.record(**figures.metrics)
+        self._to_benchmark(case, figures)
+        return self._verdict(case, key, figures)
+
+    def _outcome(self, group: Group, case: Any) -> Outcome:
+        """The group's outcome: this process's, another worker's (shared file), or a campaign run now."""
+        if isinstance(group.outcome, Outcome):
+            return group.outcome
+        if isinstance(group.outcome, BaseException):
+            with case.explain("timing the reference"):
+                raise group.outcome
+        plugin = self.plugin
+        run_id = _run_id(self.request.config)
+        path = shared_path(run_id, group) if run_id else None
+        with plugin.lock.exclusive():
+            found = load_shared(path) if path is not None else None
+            if found is None:
+                try:
+                    found = run(plugin, group, case)
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except BaseException as exc:
+                    group.outcome = exc
+                    with case.explain("timing the reference"):
+                        raise
+                if path is not None:
+                    save_shared(path, found)
+                plugin.campaign_lines.append(found.summary)
+            elif plugin.calibration is None:
+                plugin.calibration = found.calibration
+        group.outcome = found
+        return found
+
+    def _verdict(self, case: Any, key: str, figures: Figures) -> dict[str, Any]:
+        plugin = self.plugin
+        problems = figures.problems
+        if problems and plugin.update:
+            pytest.fail("\n".join(problems) + "\n(figures not written to the baseline)", pytrace=False)
+        stored = plugin.stored_setup(case.spec.name)
+        current = plugin.environment()["setup"]
+        if stored is not None and stored != current and not plugin.update:
+            pytest.fail(
+                f"{case.label}: the baseline {plugin.store.path(plugin.machine.hardware_id, case.spec.name)} was measured with {stored}, "
+                f"this run with {current}: not comparable; rerun with --llmopt-update-baselines",
+                pytrace=False,
+            )
+        findings, note = plugin.judge(case.spec.name, key, figures.measured)
+        verdicts = {f.metric: {"verdict": f.verdict, "text": f.detail or f.verdict, "baseline": f.baseline, "band": list(f.band) if f.band else None} for f in findings}
+        case.record(**note, verdicts=verdicts)
+        bad = [f for f in findings if f.verdict == "regression"]
+        if problems or bad:
+            text = "\n".join(problems)
+            if bad:
+                text += ("\n" if text else "") + bl.failure_text(case.label, findings)
+            pytest.fail(text, pytrace=False)
+        timed = [f for f in findings if f.metric in mx.TIMED and f.baseline is not None]
+        if timed and all(f.verdict == "inconclusive" for f in timed):
+            outcomes.inconclusive(f"inconclusive against the baseline: {'; '.join(f'{f.metric} {f.detail}' for f in timed)}")
+        return figures.metrics
+
+    def _to_benchmark(self, case: Any, figures: Figures) -> None:
+        """pytest-benchmark as an export: this path's timed calls as its rounds, the figures in extra_info (its
+        own fixture cannot interleave or pair, so it times nothing itself)."""
+        if not self.request.config.pluginmanager.has_plugin("benchmark"):
+            return
+        bench = self.request.getfixturevalue("benchmark")
+        bench._mode = "llmopt campaign (exported)"  # used, by the export below (or disabled, e.g. under xdist): no "not used" warning
+        if getattr(bench, "disabled", True) or not hasattr(bench, "_make_stats"):
+            return
+        meta = bench._make_stats(1)
+        for seconds in figures.call_seconds:
+            meta.stats.update(seconds)
+        bench.group = f"llmopt {case.spec.name}"
+        bench.extra_info.update({k: v for k, v in figures.metrics.items() if isinstance(v, (int, float, str))})
+        bench.extra_info["variant"] = case.variant.id
+
+
+def _run_id(config: pytest.Config) -> str | None:
+    """This run's id where several pytest-xdist workers share it (their campaigns are shared), else None."""
+    workerinput = getattr(config, "workerinput", None)
+    if isinstance(workerinput, dict) and workerinput.get("testrunuid"):
+        return str(workerinput["testrunuid"])
+    return os.environ.get("PYTEST_XDIST_TESTRUNUID") or None
