@@ -110,7 +110,7 @@ def test_missing_baseline_is_reported_then_sessions_are_appended_and_pooled(pyte
     result.stdout.fnmatch_lines(
         [
             "*llmopt: speed campaigns*",
-            "tiny-llama (none): 1 variant(s) x * rounds (0 dropped), stopped on *; A/A noise per call *",
+            "tiny-llama (none): 1 variant(s) x * rounds (0 dropped, 0 late warm-up), stopped on *; A/A noise per call *",
             "*no baseline for 1 check(s) in *tiny-llama.json*rerun with --llmopt-update-baselines to write it*",
         ]
     )
