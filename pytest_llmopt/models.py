@@ -1,7 +1,8 @@
-"""Model sources (built-in name, local folder, hub id) and loading with a per-session cache.
+"""Model sources (built-in name, local folder, hub id, GGUF file) and loading with a per-session cache.
 
 ``resolve`` turns what the user wrote into a ModelSpec, or one ModelError that says why it is none of
-the three sources; it runs at configure time so that a bad name ends the session once, quickly.
+the sources; it runs at configure time so that a bad name ends the session once, quickly. A GGUF file (or a
+built-in trained model, which is one) is checked and converted there, once (gguf.py), and then loads as a folder.
 ``ModelStore`` loads each (model, dtype, quantization, device) once per session and switches the
 attention implementation in place; a model that fails to load fails every test that needs it with
 the same message, without trying again.
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from . import zoo
+from . import gguf, zoo
 
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 HUB_CONNECT_TIMEOUT_S = 5.0
@@ -34,33 +35,68 @@ class ModelSpec:
     """A resolved model reference. ``name`` is the short label used in test ids and reports."""
 
     ref: str
-    kind: str  # "builtin" | "local" | "hub"
+    kind: str  # "builtin" | "local" | "hub" | "gguf"
+    folder: str | None = None  # "gguf": the transformers folder the file was converted to
 
     @property
     def name(self) -> str:
-        return Path(self.ref).name if self.kind == "local" else self.ref
+        return Path(self.ref).name if self.kind in ("local", "gguf") else self.ref
+
+    @property
+    def source(self) -> str:
+        """What from_pretrained reads (not for "builtin", which is built from its config)."""
+        return self.folder or self.ref
+
+
+BUILTIN_NAMES = (*zoo.BUILTIN_NAMES, *gguf.PACKAGED)
 
 
 def resolve(ref: str, role: str = "--llmopt-model") -> ModelSpec:
-    """Decide what ``ref`` is: a built-in name, a local folder, or a hub id that can be fetched."""
+    """Decide what ``ref`` is: a built-in name, a local folder, a GGUF file (or a folder holding one), or a hub id
+    that can be fetched."""
     if zoo.is_builtin(ref):
         return ModelSpec(ref, "builtin")
     path = Path(ref).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelError(f"{role}={ref}: the folder {path.resolve()} has no config.json, so it is not a transformers model folder")
-        return ModelSpec(str(path.resolve()), "local")
-    if ref.startswith((".", "/", "~")) or not HUB_ID_RE.match(ref):
-        raise ModelError(f"{role}={ref}: no such folder ({path.resolve()}), and not a built-in model ({', '.join(zoo.BUILTIN_NAMES)})")
+    try:
+        if ref in gguf.PACKAGED:
+            return _gguf_spec(ref, gguf.packaged_file(ref), ref)
+        if path.is_file():
+            if path.suffix.lower() != ".gguf" and not gguf.has_magic(path):
+                raise ModelError(f"{role}={ref}: a file, and not a GGUF file; a model is a folder with a config.json, a .gguf file, a built-in name or a hub id")
+            return _gguf_spec(str(path.resolve()), path.resolve())
+        if path.is_dir():
+            if (path / "config.json").is_file():
+                return ModelSpec(str(path.resolve()), "local")
+            found = sorted(path.glob("*.gguf"))
+            if len(found) == 1:
+                return _gguf_spec(str(found[0].resolve()), found[0].resolve())
+            if found:
+                raise ModelError(f"{role}={ref}: the folder holds {len(found)} GGUF files ({', '.join(f.name for f in found)}): name one, e.g. {role}={found[0]}")
+            raise ModelError(f"{role}={ref}: the folder {path.resolve()} has no config.json and no .gguf file, so it is not a model folder")
+    except gguf.GgufError as exc:
+        raise ModelError(f"{role}={ref}: {str(exc).removeprefix(f'{ref}: ')}") from None
+    if ref.startswith((".", "/", "~")) or not HUB_ID_RE.match(ref) or path.suffix.lower() == ".gguf":
+        raise ModelError(f"{role}={ref}: no such folder or file ({path.resolve()}), and not a built-in model ({', '.join(BUILTIN_NAMES)})")
     _check_hub(ref, role)
     return ModelSpec(ref, "hub")
+
+
+def _gguf_spec(ref: str, file: Path, packaged: str | None = None) -> ModelSpec:
+    """A GGUF file checked and converted (once; later sessions find the folder in the cache)."""
+    header = gguf.inspect(file)
+    return ModelSpec(ref, "gguf", str(gguf.converted(file, header, packaged)))
+
+
+def origin(spec: ModelSpec, dtype: str) -> str | None:
+    """Where a model's weights came from, when that is not plain (a GGUF file, dequantized to ``dtype``)."""
+    return gguf.describe(spec.folder, dtype) if spec.kind == "gguf" and spec.folder else None
 
 
 def _check_hub(repo: str, role: str) -> None:
     """Make sure a hub id can be loaded: from the local cache, or from a reachable hub where it exists."""
     from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
 
-    not_local = f"{role}={repo}: not a built-in model ({', '.join(zoo.BUILTIN_NAMES)}) and no such local folder"
+    not_local = f"{role}={repo}: not a built-in model ({', '.join(BUILTIN_NAMES)}) and no such local folder"
     cached = try_to_load_from_cache(repo, "config.json")
     if isinstance(cached, str):
         return
@@ -146,7 +182,7 @@ def describe(spec: ModelSpec, trust_remote_code: bool) -> ModelInfo:
     if spec.kind == "builtin":
         config = zoo.builtin_config(spec.ref)
     else:
-        config = AutoConfig.from_pretrained(spec.ref, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(spec.source, trust_remote_code=trust_remote_code)
     cls = compat.model_class(config, trust_remote_code)
     caps = compat.capabilities(cls) if cls else {name: True for name in compat.CAPABILITIES}
     return ModelInfo(spec, config, cls, caps)
@@ -235,7 +271,7 @@ class ModelStore:
             if spec.kind == "builtin" and quant == "none":
                 model = zoo.build_builtin(spec.ref, self.seed, dtype, self.device, compat.from_config, attention)
             else:
-                source = spec.ref if spec.kind != "builtin" else _saved_builtin(spec.ref, self.seed, self.dtype, self.device)
+                source = spec.source if spec.kind != "builtin" else _saved_builtin(spec.ref, self.seed, self.dtype, self.device)
                 quant_config = quantize.bnb_config(quant, dtype) if quant != "none" else None
                 model = compat.from_pretrained(source, dtype, self.device, attention, quant_config, self.trust_remote_code)
                 model = model.eval()
@@ -266,7 +302,7 @@ def load_tokenizer(spec: ModelSpec, trust_remote_code: bool) -> Any:
         return zoo.builtin_tokenizer(spec.ref)
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(spec.ref, trust_remote_code=trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(spec.source, trust_remote_code=trust_remote_code)
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.convert_ids_to_tokens(0)

@@ -104,13 +104,19 @@ def _share_cpu_between_workers() -> None:
 
 
 def _header(session: LlmoptSession) -> list[str]:
+    from .models import origin
+
     machine = session.machine
     v = machine.versions
     sm = machine.capability or (0, 0)
     where = machine.device + (f" ({machine.gpu_name}, sm{sm[0]}{sm[1]})" if machine.gpu_name else "")
+    # A GGUF model says so (its file, quantization, and the dtype it was dequantized to)
+    specs = (*session.models, *([session.assistant] if session.assistant else []))
+    origins = [f"llmopt: {spec.name} is {found}" for spec in dict.fromkeys(specs) if (found := origin(spec, machine.dtype))]
     return [
         f"llmopt: models {', '.join(spec.name for spec in session.models)}"
         + (f"; assistant {session.assistant.name}" if session.assistant else ""),
+        *origins,
         f"llmopt: device {where}, dtype {machine.dtype}, variants {session.settings.variants}, seed {session.settings.seed}",
         "llmopt: torch {}, transformers {}, bitsandbytes {}, flash-attn {}".format(
             v.get("torch"), v.get("transformers"), v.get("bitsandbytes") or "not installed", v.get("flash-attn") or "not installed"

