@@ -3,13 +3,14 @@ fail with a message that points at the cause; the same selection passes without 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import faults
 import pytest
 
-from conftest import SUITES
+from conftest import SUITES, smollm2
 
 
 @dataclass(frozen=True)
@@ -239,3 +240,36 @@ def test_same_selection_passes_without_the_fault(name: str, pytester: pytest.Pyt
     result = _run(pytester, FAULTS[name])
     outcomes = result.parseoutcomes()
     assert outcomes.get("passed", 0) >= 1 and not outcomes.get("failed") and not outcomes.get("errors"), result.stdout.str()[-3000:]
+
+
+# Every fault that applies to a Llama (all but the sliding window's: a Llama has none), on the built-in trained model:
+# 30 layers of trained weights and a 49,152-token vocabulary instead of 4 random layers and 512 tokens. They take
+# over an hour on CI's two cores (the sampling faults draw 1,600 tokens at 30 layers, twenty minutes each), so they
+# run where asked for (LLMOPT_TRAINED_FAULTS=1); CI runs smollm2-135m's main-job subset and these faults on tiny-llama.
+#
+# Left out, as no output of this model can show it: top-k ignored. Under the suite's settings (temperature 0.7, top-p
+# 0.9, repetition penalty 1.2) the nucleus of smollm2-135m held more than 40 tokens at 1 of 384 sampled steps, and what
+# top-k 40 removes from it averaged 0.012 % of the probability: a sampler that ignores top-k draws the same tokens
+# (the suite's top-k check passes on it with or without the fault).
+UNOBSERVABLE_ON_TRAINED = {"top-k ignored while sampling"}
+ON_A_TRAINED_LLAMA = [
+    name for name, fault in FAULTS.items() if not any(a.startswith("--llmopt-model=") for a in fault.args) and name not in UNOBSERVABLE_ON_TRAINED
+]
+TRAINED_ASKED = os.environ.get("LLMOPT_TRAINED_FAULTS") == "1"
+
+
+def _on(fault: Fault, model: str) -> Fault:
+    """The fault's run on ``model``: its name in the expected messages, and its own pad token (the tiny models' is 0)."""
+    expect = tuple(e.replace("@tiny-llama", f"@{model}").replace("padding (0) expected", "padding (*) expected") for e in fault.expect)
+    return replace(fault, args=(*fault.args, f"--llmopt-model={model}"), expect=expect)
+
+
+@pytest.mark.parametrize("name", ON_A_TRAINED_LLAMA)
+def test_fault_is_caught_on_a_trained_model(name: str, pytester: pytest.Pytester, clean_env: pytest.MonkeyPatch) -> None:
+    if not TRAINED_ASKED:
+        pytest.skip("the faults on smollm2-135m take over an hour on 2 cores: LLMOPT_TRAINED_FAULTS=1 runs them")
+    fault = _on(FAULTS[name], smollm2(clean_env))
+    fault.inject(clean_env)
+    result = _run(pytester, fault)
+    assert result.parseoutcomes().get("failed", 0) >= 1, f"{name}: the suite did not fail on smollm2-135m\n{result.stdout.str()[-3000:]}"
+    result.stdout.fnmatch_lines(list(fault.expect))
