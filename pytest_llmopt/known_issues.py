@@ -67,6 +67,35 @@ def _sdpa_drops_softcap() -> bool:
     return bool(source) and "softcap" not in source
 
 
+def _paged_eager_drops_softcap() -> bool:
+    """Continuous batching's ``paged|eager`` attention (what it switches eager to) takes ``softcap`` in its kwargs and
+    never applies it (transformers 5.x, seen in 5.25.0)."""
+    try:
+        from transformers.integrations import eager_paged
+    except ImportError:
+        return False
+    source = _source(getattr(eager_paged, "eager_paged_attention_forward", None))
+    return bool(source) and "softcap" not in source
+
+
+def _batching_takes_any_attention() -> bool:
+    """Continuous batching runs a model whose attention layers do not go through transformers' attention interface
+    (``_supports_attention_backend`` False): the paged attention is never called, and nothing refuses the model."""
+    try:
+        from transformers.generation.continuous_batching import continuous_api
+    except ImportError:
+        return False
+    source = _source(continuous_api)
+    return bool(source) and "_supports_attention_backend" not in source
+
+
+def _without_attention_backend(config: Any) -> bool:
+    from .compat import model_class
+
+    cls = model_class(config, False)
+    return cls is not None and not getattr(cls, "_supports_attention_backend", False)
+
+
 def _model_code(module: str, name: str) -> str:
     """Source of ``Class.method`` in an installed modeling file, e.g. ("gpt_neo", "GPTNeoFlashAttention2.forward")
     ("" where there is none)."""
@@ -321,6 +350,27 @@ KNOWN_ISSUES: tuple[KnownIssue, ...] = (
         "in an int attribute (_seen_tokens) that dynamo specializes on; a compiled forward (greedy or beam search) recompiles at "
         "every token until dynamo's recompile limit drops it to eager (not run: the recompiles count against the model's "
         "forward for the rest of the session, so later compiled checks would hit the limit too)",
+    ),
+    KnownIssue(
+        id="paged-eager-ignores-attention-softcap",
+        applies=lambda cache, attention, device: attention == "eager",
+        hits=lambda config: getattr(_text_config(config), "attn_logit_softcapping", None) is not None,
+        present=_paged_eager_drops_softcap,
+        raises="_pytest.outcomes.Failed",
+        reason="known issue (transformers 5.x continuous batching): eager_paged_attention_forward, the 'paged|eager' "
+        "attention that continuous batching switches eager to, takes softcap in its kwargs and never applies it, so a model "
+        "with attn_logit_softcapping (Gemma 2) answers with other logits than generate() (tiny-gemma2 under 5.25.0: "
+        "log-probabilities off by up to 0.07, tokens part; exact once the model's softcapping is removed)",
+    ),
+    KnownIssue(
+        id="batching-runs-models-without-attention-interface",
+        hits=_without_attention_backend,
+        present=_batching_takes_any_attention,
+        raises="_pytest.outcomes.Failed",
+        reason="known issue (transformers 5.x continuous batching): a model whose attention does not go through the "
+        "attention interface (_supports_attention_backend False, e.g. GPT-Neo) is accepted, its layers never call the "
+        "paged attention, so every answer is computed without the request's cache (tiny-gptneo under 5.25.0: every "
+        "request wrong from its first tokens, requests added later never finish)",
     ),
     KnownIssue(
         id="prompt-lookup-overruns-static-cache",

@@ -25,6 +25,7 @@ SUITE_NAMES = {
     "prompt_lookup": "prompt lookup",
     "attention": "attention",
     "quantization": "quantization",
+    "continuous_batching": "continuous batching",
     "performance": "performance",
 }
 # Figures worth showing, in order; labels and formats come from the metric registry.

@@ -47,7 +47,7 @@ def smollm2(monkeypatch: pytest.MonkeyPatch) -> str:
 # afterwards. torch and transformers import submodules lazily and keep references to them; dropping the
 # ones first imported inside a run breaks the next run ("Could not import module 'LlamaConfig'").
 # Keep those packages; suite and test modules are still dropped, so each run imports them afresh.
-KEEP = ("torch", "transformers", "tokenizers", "safetensors", "huggingface_hub", "pytest_llmopt", "triton", "sympy", "numpy", "packaging", "gguf", "kernels", "accelerate")
+KEEP = ("torch", "transformers", "tokenizers", "safetensors", "huggingface_hub", "pytest_llmopt", "triton", "sympy", "numpy", "packaging", "gguf", "kernels", "accelerate", "psutil")
 
 
 @pytest.fixture(autouse=True)

@@ -348,3 +348,46 @@ def static_cache_silently_dynamic(mp: pytest.MonkeyPatch) -> None:
         return original(self, generation_config, *args, **kwargs)
 
     mp.setattr(utils.GenerationMixin, "_prepare_cache_for_generation", prepare)
+
+
+def paged_block_handed_to_two_requests(mp: pytest.MonkeyPatch) -> None:
+    """The paged cache's page table hands a request a block that another running request already holds (its first),
+    so both write their keys and values into it."""
+    from transformers.generation.continuous_batching.cache_allocators.full_attention import FullAttentionCacheAllocator
+
+    original = FullAttentionCacheAllocator.allocate_cache_to_request
+
+    def allocate(self: Any, request_id: str, past_length: int, query_length: int) -> None:
+        fresh = request_id not in self.block_table
+        original(self, request_id, past_length, query_length)
+        others = [table for rid, table in self.block_table.items() if rid != request_id and table]
+        if fresh and others and self.block_table[request_id]:
+            self.block_table[request_id][0] = others[0][0]
+
+    mp.setattr(FullAttentionCacheAllocator, "allocate_cache_to_request", allocate)
+
+
+def paged_block_freed_while_in_use(mp: pytest.MonkeyPatch) -> None:
+    """A request's newest block goes back to the free pool as soon as it is allocated, while the request still
+    writes to it: the next request to ask for a block is handed the same one."""
+    from transformers.generation.continuous_batching.cache_allocators.full_attention import FullAttentionCacheAllocator
+
+    original = FullAttentionCacheAllocator.allocate_cache_to_request
+
+    def allocate(self: Any, request_id: str, past_length: int, query_length: int) -> None:
+        before = len(self.block_table.get(request_id, []))
+        original(self, request_id, past_length, query_length)
+        table = self.block_table[request_id]
+        if len(table) > before:
+            self.pool.free_blocks(self.index, [table[-1]])
+
+    mp.setattr(FullAttentionCacheAllocator, "allocate_cache_to_request", allocate)
+
+
+def request_cut_one_token_early(mp: pytest.MonkeyPatch) -> None:
+    """Continuous batching finishes a request one token before its max_new_tokens (an off-by-one in the completion
+    check)."""
+    from transformers.generation.continuous_batching import requests
+
+    _patch_source(mp, requests, requests.RequestState, "update_and_check_completion",
+                  "current_len >= self._new_tokens_limit", "current_len >= self._new_tokens_limit - 1")

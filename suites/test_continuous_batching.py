@@ -1,0 +1,274 @@
+"""Continuous batching with a paged kv-cache (``generate_batch``, ``init_continuous_batching`` and its manager):
+each request gets the answer of plain greedy ``generate()`` on its prompt alone, however it was scheduled.
+
+Requests are the session's prompts, and their first halves, each with its own ``max_new_tokens``: more tokens
+than one step takes (``max_batch_tokens``), pages small enough that every prompt spans several. The paged path
+answers with tokens and their log-probabilities, not logits, so each answer is judged on its own tokens by the
+higher-precision, cache-free reference (choices.py): every token the reference's best within the noise floor
+of the plain path, every log-probability within the floor, the length the request allows.
+
+Attention: each implementation continuous batching accepts is pinned (``auto_switch_to_flash=False``); the
+default, which switches a half-precision model to FlashAttention where it is installed, has its own check.
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from typing import Any
+
+import pytest
+import torch
+
+from pytest_llmopt import batching, outcomes
+from pytest_llmopt.choices import Floor, floor_of, judge_answer, summary
+from pytest_llmopt.equivalence import FLOOR_FACTOR, Generation
+
+PAGE = 16  # tokens per page: every prompt spans several
+STEP_TOKENS = 32  # max_batch_tokens: fewer than the requests' prompts together, so they are scheduled over steps
+BLOCKS = 64  # enough for every request at once
+ATTENTION = ["sdpa", "eager", "flash_attention_2", "flex_attention"]
+NO_INTERFACE = ["batching-runs-models-without-attention-interface"]
+KNOWN = ["paged-eager-ignores-attention-softcap", *NO_INTERFACE]
+
+
+def pinned(**extra: Any) -> Any:
+    """A paged cache of this suite's size, with the model's own attention kept (not switched to flash)."""
+    settings = {"page_size": PAGE, "num_blocks": BLOCKS, "max_batch_tokens": STEP_TOKENS, "auto_switch_to_flash": False}
+    settings.update(extra)
+    return batching.config(**settings)
+
+
+def requests(case, runner, tag: str = "") -> list[batching.Request]:
+    """Each prompt whole and cut to its first half (several lengths), each with its own max_new_tokens."""
+    out = []
+    for prompt in case.prompts:
+        ids = runner.encode(prompt.text)[0][0].tolist()
+        for part, cut in (("whole", ids), ("half", ids[: max(2, len(ids) // 2)])):
+            new = max(2, case.new_tokens - (3 * len(out)) % max(case.new_tokens // 2, 1))
+            out.append(batching.Request(f"{tag}{prompt.name}:{part}", tuple(cut), new))
+    return out
+
+
+def served(case, runner, reqs, cb_config, later=(), eos=None) -> batching.Served:
+    """The requests through a fresh manager on the target's model; a release or an attention that continuous
+    batching does not take is unsupported, with transformers' words."""
+    reason = batching.unsupported_reason()
+    if reason:
+        outcomes.unsupported(reason)
+    with runner.active() as model:
+        try:
+            return batching.run(model, reqs, cb_config, later=later, eos=eos)
+        except ValueError as exc:
+            if "not supported for continuous batching" in str(exc):
+                outcomes.unsupported(f"unsupported by transformers: {exc}")
+            raise
+
+
+class Judge:
+    """The plain path's answers and floor for a set of requests (computed once per test), and the verdicts."""
+
+    def __init__(self, case) -> None:
+        self.case = case
+        self.plain = case.reference
+        self.precise = case.precise(self.plain)
+        self.factor = FLOOR_FACTOR[case.session.machine.dtype]
+        self._plain: dict[tuple[tuple[int, ...], int], Generation] = {}
+
+    def plain_answer(self, request: batching.Request) -> Generation:
+        key = (request.prompt, request.new_tokens)
+        if key not in self._plain:
+            ids = torch.tensor([list(request.prompt)], device=self.plain.model.device)
+            self._plain[key] = self.plain.generate(ids, None, request.new_tokens)
+        return self._plain[key]
+
+    def floor(self, reqs) -> Floor:
+        generations = [self.plain_answer(r) for r in reqs]
+        return floor_of(generations, [self.precise.generation_logits(g) for g in generations])
+
+    def check(self, reqs, run: batching.Served, what: str, expected=None) -> list:
+        """Every request's answer against the reference; fails the test naming each bad one. ``expected``:
+        the length each answer must have, by request (default: its new_tokens)."""
+        floor = self.floor(reqs)
+        verdicts, problems = [], []
+        for request in reqs:
+            answer = run.answers.get(request.name)
+            if answer is None or answer.error:
+                problems.append(f"request {request.name}: {'no answer' if answer is None else 'failed: ' + str(answer.error)}")
+                continue
+            prompt = torch.tensor([list(request.prompt)])
+            sequence = torch.cat([prompt, torch.tensor([list(answer.tokens)], dtype=prompt.dtype)], dim=1)
+            reference = self.precise.generation_logits(Generation(prompt, sequence, None))[0] if answer.tokens else torch.zeros(0, 1)
+            length = request.new_tokens if expected is None else expected(request, answer)
+            verdict = judge_answer(
+                request.name, request.prompt, answer.tokens, answer.logprobs, length, reference,
+                self.plain_answer(request).new_tokens[0].tolist(), floor, self.factor, self.plain.tokenizer,
+            )
+            verdicts.append(verdict)
+            if verdict.problem:
+                problems.append(verdict.problem)
+        logprobs = any(a.logprobs for a in run.answers.values())
+        self.case.record(**{k: v for k, v in summary(verdicts, floor, self.factor, logprobs).items() if v is not None}, attention_ran=run.attention)
+        if problems:
+            pytest.fail(
+                f"{self.case.label} ({what}, attention {run.attention}): {len(problems)} of {len(reqs)} request(s) not answered as "
+                f"plain greedy answers each alone:\n  " + "\n  ".join(problems[:4]) + f"\n  reproduce: {self.case.reproduce}",
+                pytrace=False,
+            )
+        return verdicts
+
+
+@pytest.mark.llmopt(attention=ATTENTION, reference={}, known_issues=KNOWN)
+def test_requests_match_greedy_alone(llmopt_case):
+    """A mix of requests (several prompt lengths and max_new_tokens, more than one step takes) through
+    ``generate_batch``'s manager: each answer is plain greedy's on its prompt alone."""
+    case = llmopt_case
+    reqs = requests(case, case.target)
+    with case.explain("continuous batching"):
+        run = served(case, case.target, reqs, pinned())
+    Judge(case).check(reqs, run, "a mix of requests")
+
+
+@pytest.mark.llmopt(reference={}, known_issues=KNOWN)
+def test_requests_added_while_others_run(llmopt_case):
+    """Through the manager API: half of the requests first, the rest added once the first answer is back,
+    while the others are still generating."""
+    case = llmopt_case
+    reqs = requests(case, case.target)
+    first, later = reqs[: len(reqs) // 2], reqs[len(reqs) // 2 :]
+    with case.explain("continuous batching, requests added while running"):
+        run = served(case, case.target, first, pinned(), later=later)
+    Judge(case).check(reqs, run, "requests added while others run")
+
+
+@pytest.mark.llmopt(reference={}, known_issues=KNOWN)
+def test_scheduling_cannot_change_an_answer(llmopt_case):
+    """The same requests in reverse arrival order, with pages of another size, and with a cache too small to hold
+    them all at once (requests wait for blocks): every answer is still plain greedy's."""
+    case = llmopt_case
+    reqs = requests(case, case.target)
+    judge = Judge(case)
+    longest = max(len(r.prompt) + r.new_tokens for r in reqs)
+    scarce = -(-longest // 8) + 1  # blocks of 8 tokens: room for the longest request and a little more
+    runs = {
+        "reverse arrival order": (list(reversed(reqs)), pinned()),
+        "pages of 8 tokens": (reqs, pinned(page_size=8, num_blocks=BLOCKS * 2)),
+        f"a cache of {scarce} blocks of 8 tokens, too small for all at once": (reqs, pinned(page_size=8, num_blocks=scarce)),
+    }
+    answers = {}
+    for what, (order, cb_config) in runs.items():
+        with case.explain(what):
+            run = served(case, case.target, order, cb_config)
+        judge.check(reqs, run, what)
+        answers[what] = run.answers
+    identical = sum(len({a[r.name].tokens for a in answers.values()}) == 1 for r in reqs)
+    case.record(identical_across_schedules=f"{identical} of {len(reqs)}", scarce_blocks=scarce)
+
+
+@pytest.mark.llmopt(reference={}, known_issues=KNOWN)
+def test_each_request_stops_at_its_eos(llmopt_case):
+    """Each request with its own EOS (a token plain greedy says halfway through its answer) and its own
+    max_new_tokens: it stops right after its first EOS, or at its limit, and not a token later or earlier."""
+    case = llmopt_case
+    reqs = requests(case, case.target)
+    judge = Judge(case)
+    # one EOS for all (the manager's generation config); per request, the limit still differs
+    halfway = [judge.plain_answer(r).new_tokens[0].tolist() for r in reqs]
+    eos = halfway[0][len(halfway[0]) // 2]
+
+    def expected(request, answer):
+        tokens = list(answer.tokens)
+        return tokens.index(eos) + 1 if eos in tokens else request.new_tokens
+
+    with case.explain("continuous batching with an EOS"):
+        run = served(case, case.target, reqs, pinned(), eos=eos)
+    judge.check(reqs, run, f"EOS {eos}", expected=expected)
+    stopped = sum(eos in a.tokens for a in run.answers.values())
+    case.record(eos=eos, stopped_at_eos=stopped)
+    if stopped == 0:
+        outcomes.not_exercised(f"no request's answer held the EOS {eos}: stopping at an EOS never ran")
+
+
+@pytest.mark.llmopt(reference={}, known_issues=NO_INTERFACE)
+def test_paged_cache_holds_what_it_says_and_is_freed(llmopt_case):
+    """The paged cache's tensors hold blocks x page size x layers x kv heads x head dim x 2 x bytes (and at most a
+    few reserved pages more), and nothing of it is left once the manager stops."""
+    case = llmopt_case
+    reqs = requests(case, case.target)[:2]
+    reason = batching.unsupported_reason()
+    if reason:
+        outcomes.unsupported(reason)
+    with case.target.active() as model, batching.manager(model, batching.generation_config(model), pinned()) as running:
+        batching.serve(running, reqs)
+        size = batching.cache_size(running, model)
+        cache = weakref.ref(running.batch_processor.cache)
+    gc.collect()
+    if size is None:
+        outcomes.unsupported("this release keeps the paged cache where the suite cannot read its size")
+    reserved = size.allocated - size.kv_bytes
+    block = size.kv_bytes // size.blocks
+    case.record(blocks=size.blocks, page_size=size.page_size, kv_bytes=size.kv_bytes, allocated_bytes=size.allocated)
+    problems = []
+    if size.blocks < BLOCKS:
+        problems.append(f"asked for {BLOCKS} blocks, the cache holds {size.blocks}")
+    if not 0 <= reserved <= 4 * block:
+        problems.append(
+            f"the paged cache allocated {size.allocated} bytes for {size.blocks} blocks of {size.page_size} tokens, which hold "
+            f"{size.kv_bytes} (layers x kv heads x head dim x 2 x bytes): {reserved:+d} bytes beside them, allowed 0 to {4 * block} "
+            "(a few reserved pages)"
+        )
+    if cache() is not None:
+        problems.append("the paged cache is still alive after the manager stopped")
+    if problems:
+        pytest.fail(f"{case.label}: " + "; ".join(problems), pytrace=False)
+
+
+@pytest.mark.llmopt(reference={}, known_issues=KNOWN)
+def test_persistent_manager_answers_the_second_batch(llmopt_case):
+    """``generate_batch(persistent_manager=True)`` keeps its manager on the model: the second batch through it
+    gets its own answers, not the first one's, and the model is as it was once the manager is destroyed."""
+    case = llmopt_case
+    reqs = requests(case, case.target)
+    first, second = reqs[::2], reqs[1::2]
+    if not second:
+        outcomes.not_run("one prompt gives one request: a second batch needs two prompts")
+    judge = Judge(case)
+    reason = batching.unsupported_reason()
+    if reason:
+        outcomes.unsupported(reason)
+    gen = None
+    with case.target.active() as model:
+        gen = batching.generation_config(model)
+        cb_config = pinned()
+        new = max(r.new_tokens for r in reqs)
+        try:
+            with case.explain("generate_batch, persistent"):
+                outs = [
+                    model.generate_batch([list(r.prompt) for r in batch], generation_config=gen, continuous_batching_config=cb_config,
+                                         persistent_manager=True, max_new_tokens=new)
+                    for batch in (first, second)
+                ]
+        finally:
+            model.destroy_cached_continuous_batching_manager()
+    for number, (batch, out) in enumerate(zip((first, second), outs)):
+        named = [batching.Request(r.name, r.prompt, new) for r in batch]
+        found = list(out.values())
+        answers = {r.name: batching.Answer(tuple(o.generated_tokens), tuple(o.logprobs) or None, o.error) for r, o in zip(named, found)}
+        judge.check(named, batching.Served(answers, "", None), f"batch {number + 1} of 2 through one persistent manager")
+
+
+@pytest.mark.llmopt(reference={}, known_issues=KNOWN)
+def test_default_configuration(llmopt_case):
+    """What a user gets from ``generate_batch(inputs, generation_config)``: the cache sized from free GPU memory, CUDA
+    graphs where transformers decides, and a half-precision model switched to FlashAttention where it is installed
+    (the attention that ran is recorded). Each answer is plain greedy's."""
+    case = llmopt_case
+    if case.device_type != "cuda":
+        outcomes.not_run(
+            "the default configuration sizes the paged cache from free accelerator memory: on a CPU it took 57 s and 14.7 GB "
+            "for tiny-llama (transformers 5.25.0); run on a GPU runner (--llmopt-device=cuda)"
+        )
+    reqs = requests(case, case.target)
+    with case.explain("continuous batching, default configuration"):
+        run = served(case, case.target, reqs, batching.config(page_size=None, return_logprobs=True))
+    Judge(case).check(reqs, run, "default configuration")
