@@ -2,7 +2,7 @@
 # The speed protocol on a CUDA machine (issue 28): sessions of the performance suite appended to baselines under
 # $OUT/baselines, one more judged against them (A/A), the independent measurement, injected faults; then the
 # agreement table. Run from the repository root (flash-attn / bitsandbytes on PYTHONPATH: scripts/gpu-site.sh).
-# Usage: OUT=results [MODELS="llama-1b-shape llama-7b-shape"] [BUDGET=100] scripts/gpu-performance.sh STEP...
+# Usage: OUT=results [MODELS="llama-1b-shape llama-7b-shape"] [BUDGET=100] [BUNDLE=file.tar] scripts/gpu-performance.sh STEP...
 #   session   a session appended to the baselines (--llmopt-update-baselines): run it 3 times for a pooled baseline
 #   judge     a session judged against them (no update): an A/A comparison, no regression expected
 #   independent   scripts/measure-speed.py, interleaved
@@ -22,7 +22,9 @@ model_flags() { for m in "$@"; do printf -- '--llmopt-model=%s\n' "$m"; done; }
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
     python3 -c 'import torch, transformers; print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__)'
 } > "$out/stack.txt" 2>&1
-n=$(ls "$out"/session-*.json 2>/dev/null | wc -l)
+shopt -s nullglob  # (gpu-site.sh sets it too: an unmatched "ls GLOB" would then list the current directory)
+sessions=("$out"/session-*.json)
+n=${#sessions[@]}
 for step in "$@"; do
     start=$SECONDS
     case $step in
@@ -43,3 +45,6 @@ for step in "$@"; do
     esac
     echo "step $step: exit $?, wall $((SECONDS - start)) s" | tee -a "$out/walls.txt"
 done
+# The device returns a limited number of files, none in deep folders: BUNDLE=FILE packs everything into one tar
+[[ -n ${BUNDLE:-} ]] && tar cf "$BUNDLE" -C "$out" --exclude="$(basename "$BUNDLE")" .
+exit 0
