@@ -272,3 +272,44 @@ def test_default_configuration(llmopt_case):
     with case.explain("continuous batching, default configuration"):
         run = served(case, case.target, reqs, batching.config(page_size=None, return_logprobs=True))
     Judge(case).check(reqs, run, "default configuration")
+
+
+SAMPLES, SAMPLE_TOKENS = 50, 32  # 1,600 PIT values: 50 requests of one prompt, scheduled together
+SAMPLING = {"plain": {}, "tempered-top-k": {"temperature": 0.7, "top_p": 0.9, "top_k": 40}}
+
+
+class BatchedSampler:
+    """``Runner.sample`` through continuous batching: each sample a request of the same prompt, all scheduled together,
+    drawn with the release's own sampling (seeded by its config); EOS suppressed as the plain path's sampling has it."""
+
+    def __init__(self, runner: Any) -> None:
+        self.runner = runner
+
+    def sample(self, input_ids: torch.Tensor, samples: int, new_tokens: int, seed: int, top_k: int = 0, **settings: Any) -> torch.Tensor:
+        """The new tokens of each sample [samples, new_tokens], as Runner.sample gives them."""
+        prompt = tuple(input_ids[0].tolist())
+        reqs = [batching.Request(f"sample {i}", prompt, new_tokens) for i in range(samples)]
+        cb_config = pinned(max_batch_tokens=max(STEP_TOKENS, samples * 2), num_blocks=samples * (-(-(len(prompt) + new_tokens) // PAGE) + 1), seed=seed)
+        with self.runner.active() as model:
+            run = batching.run(model, reqs, cb_config, do_sample=True, top_k=top_k, suppress_tokens=self.runner.eos_ids, **settings)
+        rows = []
+        for request in reqs:
+            answer = run.answers[request.name]
+            if answer.error or len(answer.tokens) != new_tokens:
+                pytest.fail(f"{request.name}: {answer.error or f'answered {len(answer.tokens)} tokens, asked for {new_tokens}'}", pytrace=False)
+            rows.append(list(answer.tokens))
+        return torch.tensor(rows)
+
+
+@pytest.mark.parametrize("setting", list(SAMPLING))
+@pytest.mark.llmopt(reference={}, known_issues=KNOWN)
+def test_sampling_keeps_the_distribution(llmopt_case, setting):
+    """Sampled answers of 50 requests of one prompt, scheduled together, follow the model's processed distribution
+    (PIT values, Kolmogorov-Smirnov, alpha 1e-3): the paged path and its sampler change no probability."""
+    case = llmopt_case
+    reason = batching.unsupported_reason()
+    if reason:
+        outcomes.unsupported(reason)
+    prompt = case.prompts[0]
+    with case.explain(f"continuous batching, sampling ({setting})"):
+        case.check_distribution(BatchedSampler(case.target), prompt.text, SAMPLES, SAMPLE_TOKENS, what=f"continuous batching, {setting}, prompt {prompt.name!r}", **SAMPLING[setting])

@@ -233,6 +233,13 @@ FAULTS = {
         ("--llmopt-variants=attention=sdpa",),
         ("*request(s) not answered as plain greedy answers each alone*", "*which the higher-precision reference puts * below its best*"),
     ),
+    "continuous batching samples beyond top-k": Fault(
+        faults.top_k_warper_ignored,
+        "test_continuous_batching.py",
+        "test_sampling_keeps_the_distribution and top",
+        ("--llmopt-variants=attention=sdpa",),
+        ("*(continuous batching, tempered-top-k, prompt *): sampled tokens do not follow the target model's distribution*",),
+    ),
     "continuous batching cuts a request one token early": Fault(
         faults.request_cut_one_token_early,
         "test_continuous_batching.py",
@@ -273,7 +280,7 @@ def test_same_selection_passes_without_the_fault(name: str, pytester: pytest.Pyt
 # 0.9, repetition penalty 1.2) the nucleus of smollm2-135m held more than 40 tokens at 1 of 384 sampled steps, and what
 # top-k 40 removes from it averaged 0.012 % of the probability: a sampler that ignores top-k draws the same tokens
 # (the suite's top-k check passes on it with or without the fault).
-UNOBSERVABLE_ON_TRAINED = {"top-k ignored while sampling"}
+UNOBSERVABLE_ON_TRAINED = {"top-k ignored while sampling", "continuous batching samples beyond top-k"}
 ON_A_TRAINED_LLAMA = [
     name for name, fault in FAULTS.items() if not any(a.startswith("--llmopt-model=") for a in fault.args) and name not in UNOBSERVABLE_ON_TRAINED
 ]
