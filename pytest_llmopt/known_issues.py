@@ -10,12 +10,13 @@ which applies only where the entry's ``unpadded`` probe says such a prompt meets
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from . import probes
 
 
 @dataclass(frozen=True)
@@ -42,208 +43,12 @@ class KnownIssue:
 UNPADDED = "unpadded"  # the qualifier of a declaration by a check whose prompts have no padding
 
 
-def _source(obj: Any) -> str:
-    try:
-        return inspect.getsource(obj)
-    except (OSError, TypeError):
-        return ""
-
-
-def _text_config(config: Any) -> Any:
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def _sdpa_drops_softcap() -> bool:
-    """transformers' SDPA attention takes ``softcap`` in its kwargs and never applies it (4.48+ attention
-    interface; seen in 4.52), nor does 4.46-4.47's own ``Gemma2SdpaAttention``; Gemma2 declared
-    ``_supports_sdpa`` all the same until 5.x stopped declaring it."""
-    source = _model_code("gemma2", "Gemma2SdpaAttention.forward")
-    if not source:
-        try:
-            from transformers.integrations.sdpa_attention import sdpa_attention_forward
-        except ImportError:
-            return False
-        source = _source(sdpa_attention_forward)
-    return bool(source) and "softcap" not in source
-
-
-def _paged_eager_drops_softcap() -> bool:
-    """Continuous batching's ``paged|eager`` attention (what it switches eager to) takes ``softcap`` in its kwargs and
-    never applies it (transformers 5.x, seen in 5.25.0)."""
-    try:
-        from transformers.integrations import eager_paged
-    except ImportError:
-        return False
-    source = _source(getattr(eager_paged, "eager_paged_attention_forward", None))
-    return bool(source) and "softcap" not in source
-
-
-def _batching_takes_any_attention() -> bool:
-    """Continuous batching runs a model whose attention layers do not go through transformers' attention interface
-    (``_supports_attention_backend`` False): the paged attention is never called, and nothing refuses the model."""
-    try:
-        from transformers.generation.continuous_batching import continuous_api
-    except ImportError:
-        return False
-    source = _source(continuous_api)
-    return bool(source) and "_supports_attention_backend" not in source
-
-
-def _without_attention_backend(config: Any) -> bool:
-    from .compat import model_class
-
-    cls = model_class(config, False)
-    return cls is not None and not getattr(cls, "_supports_attention_backend", False)
-
-
-def _model_code(module: str, name: str) -> str:
-    """Source of ``Class.method`` in an installed modeling file, e.g. ("gpt_neo", "GPTNeoFlashAttention2.forward")
-    ("" where there is none)."""
-    import importlib
-
-    try:
-        modeling = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
-    except ImportError:
-        return ""
-    cls, _, method = name.partition(".")
-    return _source(getattr(getattr(modeling, cls, None), method, None))
-
-
-def _is_type(model_type: str) -> Callable[[Any], bool]:
-    return lambda config: getattr(_text_config(config), "model_type", "") == model_type
-
-
-def _cache_class(name: str) -> Any:
-    """A class of the installed cache_utils (None where this release has no such class)."""
-    from transformers import cache_utils
-
-    return getattr(cache_utils, name, None)
-
-
-def _gemma2_source(name: str) -> str:
-    """Source of a Gemma2 class of the installed release ("" where flex_attention is not declared there)."""
-    try:
-        from transformers.models.gemma2 import modeling_gemma2 as gemma2
-    except ImportError:
-        return ""
-    if not getattr(gemma2.Gemma2PreTrainedModel, "_supports_flex_attn", False):
-        return ""
-    return _model_code("gemma2", name)
-
-
-def _flex_mask_from_offsets() -> bool:
-    """5.5+: flex_attention's mask is built from query and key offsets (``flex_attention_mask(..., q_offset)``), where
-    4.57-5.2 built it from ``cache_position``."""
-    try:
-        from transformers import masking_utils
-    except ImportError:
-        return False
-    build = getattr(masking_utils, "flex_attention_mask", None)
-    return build is not None and "q_offset" in inspect.signature(build).parameters
-
-
-def _flex_mask_pads_unpadded() -> bool:
-    """Up to 5.13 flex_attention's mask gets a padding term even where the attention mask pads nothing (5.14 adds it
-    only where something is padded: ``not fast_all(attention_mask)``), so a prompt alone has a mask beyond causal."""
-    try:
-        from transformers import masking_utils
-    except ImportError:
-        return True  # before masking_utils the model files built flex masks, padding term included
-    source = _source(getattr(masking_utils, "flex_attention_mask", None))
-    return "padding_mask_function" in source and "fast_all(attention_mask)" not in source
-
-
-def _has_sliding_layers(config: Any) -> bool:
-    from .measure import cache_layout
-
-    return cache_layout(config).sliding_layers > 0
-
-
-def transformers_major() -> int:
-    import transformers
-
-    return int(transformers.__version__.split(".")[0])
-
-
-def _prompt_lookup_overruns_max_length() -> bool:
-    from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
-
-    try:
-        source = inspect.getsource(PromptLookupCandidateGenerator.get_candidates)
-    except (OSError, TypeError):
-        return False
-    return "min(end_idx, input_length, self.max_length)" in source
-
-
-def _early_exit_drops_first_iteration() -> bool:
-    """5.0: the base generator's get_candidates gained a required ``is_first_iteration`` that
-    EarlyExitCandidateGenerator does not pass on to it (TypeError on the first draft)."""
-    from transformers.generation import candidate_generator as cg
-
-    early_exit = getattr(cg, "EarlyExitCandidateGenerator", None)
-    if early_exit is None:
-        return False
-    parameter = inspect.signature(cg.AssistedCandidateGenerator.get_candidates).parameters.get("is_first_iteration")
-    try:
-        source = inspect.getsource(early_exit.get_candidates)
-    except (OSError, TypeError):
-        return False
-    return parameter is not None and parameter.default is inspect.Parameter.empty and "super().get_candidates(input_ids)" in source
-
-
-def _universal_draft_gets_target_inputs() -> bool:
-    """Universal assisted decoding hands the draft model per-token inputs of the target, whose length
-    differs from the draft's re-tokenized input (a size mismatch in the draft's forward):
-    5.0 to 5.2, the first draft call's prefill path (taking ``is_first_iteration``) passes the target's
-    attention mask; later, the assistant kwargs carry the target's position ids (``_prepare_position_ids``)
-    until 5.1x made the universal generator drop them."""
-    from transformers.generation import candidate_generator as cg
-
-    universal = getattr(cg, "AssistedCandidateGeneratorDifferentTokenizers", None)
-    if universal is None:
-        return False
-    prepare = getattr(cg.AssistedCandidateGenerator, "_prepare_generation_args", None)
-    if prepare is not None and "is_first_iteration" in inspect.signature(prepare).parameters:
-        return True
-    try:
-        source = inspect.getsource(universal.get_candidates)
-    except (OSError, TypeError):
-        return False
-    return hasattr(cg, "_prepare_position_ids") and "position_ids" not in source
-
-
-def _universal_draft_cache_rolled_back_by_target_length() -> bool:
-    """5.25: the draft's cache is rolled back by ``_last_ids_length - len(draft input)`` (the base
-    ``_update_past_and_masks``), and the universal generator sets ``_last_ids_length`` from the target's ids (its
-    input, or its converted candidates) instead of what the draft's own cache holds (5.24 cropped to the draft
-    input's length): stale draft keys pile up until the cache holds every draft input id."""
-    import re
-
-    from transformers.generation import candidate_generator as cg
-
-    universal = getattr(cg, "AssistedCandidateGeneratorDifferentTokenizers", None)
-    if universal is None:
-        return False
-    rollback = _source(getattr(cg.AssistedCandidateGenerator, "_update_past_and_masks", None))
-    drafting = _source(universal.get_candidates)
-    by_last_length = re.search(r"self\._last_ids_length\s*-\s*input_ids\.shape\[-1\]", rollback) is not None
-    set_from_target = re.search(r"self\._last_ids_length\s*=\s*\(?\s*(input_ids|new_target_ids)\.shape", drafting) is not None
-    return by_last_length and set_from_target
-
-
-def _dynamic_cache_counts_in_an_int() -> bool:
-    """4.x: the DynamicCache is an ``nn.Module`` that counts its tokens in a Python int attribute
-    (``_seen_tokens``), which dynamo specializes on: a compiled forward recompiles at every token."""
-    cache = _cache_class("DynamicCache")
-    return cache is not None and issubclass(cache, torch.nn.Module) and "self._seen_tokens +=" in _source(cache.update)
-
-
 KNOWN_ISSUES: tuple[KnownIssue, ...] = (
     KnownIssue(
         id="torch-flex-attention-cpu-codegen",
         applies=lambda cache, attention, device: attention == "flex_attention" and device == "cpu",
-        present=lambda: torch.__version__.startswith("2.13.") and _flex_mask_from_offsets(),
-        unpadded=lambda config: _has_sliding_layers(config) or _flex_mask_pads_unpadded(),
+        present=lambda: torch.__version__.startswith("2.13.") and probes.flex_mask_from_offsets(),
+        unpadded=lambda config: probes.has_sliding_layers(config) or probes.flex_mask_pads_unpadded(),
         raises="torch._inductor.exc.InductorError",
         reason="known issue: torch 2.13's inductor emits C++ that does not compile ('cur_kvSplitSize0' undeclared) "
         "for flex_attention's CPU decode kernel when the mask is more than causal (padding, a sliding window), with the "
@@ -253,7 +58,7 @@ KNOWN_ISSUES: tuple[KnownIssue, ...] = (
         id="torch-flex-attention-cpu-decode",
         applies=lambda cache, attention, device: attention == "flex_attention" and device == "cpu",
         # with 5.5+'s masks the codegen failure above comes first
-        present=lambda: torch.__version__.startswith("2.13.") and not _flex_mask_from_offsets(),
+        present=lambda: torch.__version__.startswith("2.13.") and not probes.flex_mask_from_offsets(),
         compiled_only=True,
         raises="_pytest.outcomes.Failed",
         reason="known issue: torch 2.13's CPU flex_attention decode step, compiled inside generate()'s auto-compiled forward, "
@@ -265,16 +70,16 @@ KNOWN_ISSUES: tuple[KnownIssue, ...] = (
     KnownIssue(
         id="sdpa-ignores-attention-softcap",
         applies=lambda cache, attention, device: attention.startswith("sdpa"),
-        hits=lambda config: getattr(_text_config(config), "attn_logit_softcapping", None) is not None,
-        present=_sdpa_drops_softcap,
+        hits=lambda config: getattr(probes.text_config(config), "attn_logit_softcapping", None) is not None,
+        present=probes.sdpa_drops_softcap,
         raises="_pytest.outcomes.Failed",
         reason="known issue (transformers 4.46-5.2x, seen in 4.52.4, 4.57.6, 5.10.4, 5.20.2; 5.24's Gemma2 no longer declares SDPA): SDPA attention "
         "ignores the model's attn_logit_softcapping, so its logits differ from eager's, which caps",
     ),
     KnownIssue(
         id="gemma2-decode-window-mask-misaligned",
-        hits=_is_type("gemma2"),
-        present=lambda: "attention_mask[:, :, :, -self.sliding_window :]" in _model_code("gemma2", "Gemma2DecoderLayer.forward"),
+        hits=probes.is_type("gemma2"),
+        present=lambda: "attention_mask[:, :, :, -self.sliding_window :]" in probes.model_code("gemma2", "Gemma2DecoderLayer.forward"),
         raises="_pytest.outcomes.Failed",
         reason="known issue (transformers 4.46-4.47 Gemma2, fixed in 4.48 by an offset): at a decode step a sliding "
         "layer reads the last sliding_window columns of the cache-long mask, not the columns of the keys it holds, so a "
@@ -283,8 +88,8 @@ KNOWN_ISSUES: tuple[KnownIssue, ...] = (
     ),
     KnownIssue(
         id="sliding-cache-shifts-one-slot",
-        hits=lambda config: getattr(_text_config(config), "cache_implementation", None) == "hybrid",  # 4.x Gemma2
-        present=lambda: "to_shift[-1].int()" in _source(_cache_class("HybridCache")),
+        hits=lambda config: getattr(probes.text_config(config), "cache_implementation", None) == "hybrid",  # 4.x Gemma2
+        present=lambda: "to_shift[-1].int()" in probes.source_of(probes.cache_class("HybridCache")),
         raises="_pytest.outcomes.Failed",
         reason="known issue (transformers 4.46-4.51, HybridCache): a sliding layer past its window makes room for one new "
         "token whatever the number it is given, and writes them all to its last slot, so several tokens at once (a draft "
@@ -294,8 +99,8 @@ KNOWN_ISSUES: tuple[KnownIssue, ...] = (
     KnownIssue(
         id="gemma2-flex-mask-as-tensor",
         applies=lambda cache, attention, device: attention == "flex_attention",
-        hits=_is_type("gemma2"),
-        present=lambda: "torch.finfo(attention_mask.dtype)" in _gemma2_source("Gemma2DecoderLayer.forward"),
+        hits=probes.is_type("gemma2"),
+        present=lambda: "torch.finfo(attention_mask.dtype)" in probes.gemma2_source("Gemma2DecoderLayer.forward"),
         raises="AttributeError",
         reason="known issue (transformers 4.x Gemma2): a sliding-window layer cuts flex_attention's BlockMask to "
         "its window as if it were a mask tensor ('BlockMask' object has no attribute 'dtype')",
@@ -303,9 +108,9 @@ KNOWN_ISSUES: tuple[KnownIssue, ...] = (
     KnownIssue(
         id="gemma2-flex-4d-mask-in-generate",
         applies=lambda cache, attention, device: attention == "flex_attention",
-        hits=_is_type("gemma2"),
+        hits=probes.is_type("gemma2"),
         present=lambda: 'not self.config._attn_implementation == "flash_attention_2"'
-        in _gemma2_source("Gemma2ForCausalLM.prepare_inputs_for_generation"),
+        in probes.gemma2_source("Gemma2ForCausalLM.prepare_inputs_for_generation"),
         raises="ValueError",
         reason="known issue (transformers 4.x Gemma2): generate() with its HybridCache turns the mask 4D for every "
         "attention but flash, and flex_attention's mask builder wants it 2D (ValueError: too many values to unpack)",
@@ -313,8 +118,8 @@ KNOWN_ISSUES: tuple[KnownIssue, ...] = (
     KnownIssue(
         id="gptneo-flash-attention-ignores-local-window",
         applies=lambda cache, attention, device: attention == "flash_attention_2",
-        hits=lambda config: "local" in (getattr(_text_config(config), "attention_layers", None) or ()),
-        present=lambda: (lambda code: bool(code) and "window" not in code)(_model_code("gpt_neo", "GPTNeoFlashAttention2.forward")),
+        hits=lambda config: "local" in (getattr(probes.text_config(config), "attention_layers", None) or ()),
+        present=lambda: (lambda code: bool(code) and "window" not in code)(probes.model_code("gpt_neo", "GPTNeoFlashAttention2.forward")),
         raises="_pytest.outcomes.Failed",
         reason="known issue (transformers GPT-Neo, every release 4.46-5.24): GPTNeoFlashAttention2 hands flash-attn no "
         "window, so a local layer attends to every earlier token where eager masks all but the last window_size "
@@ -323,8 +128,8 @@ KNOWN_ISSUES: tuple[KnownIssue, ...] = (
     KnownIssue(
         id="gptneo-flash-attention-4d-mask-slice",
         applies=lambda cache, attention, device: attention == "flash_attention_2",
-        hits=_is_type("gpt_neo"),
-        present=lambda: "attention_mask[:, :, :, :" in _model_code("gpt_neo", "GPTNeoFlashAttention2.forward"),
+        hits=probes.is_type("gpt_neo"),
+        present=lambda: "attention_mask[:, :, :, :" in probes.model_code("gpt_neo", "GPTNeoFlashAttention2.forward"),
         raises="IndexError",
         reason="known issue (transformers 4.46-4.57 GPT-Neo): GPTNeoFlashAttention2 slices its mask as 4D "
         "(attention_mask[:, :, :, :k]) but flash attention gets the 2D padding mask: any padded batch raises "
@@ -333,8 +138,8 @@ KNOWN_ISSUES: tuple[KnownIssue, ...] = (
     KnownIssue(
         id="gpt2-flash-attention-not-causal-with-mask",
         applies=lambda cache, attention, device: attention == "flash_attention_2",
-        hits=_is_type("gpt2"),
-        present=lambda: "is_causal = attention_mask is None and" in _model_code("gpt2", "GPT2Attention.forward"),
+        hits=probes.is_type("gpt2"),
+        present=lambda: "is_causal = attention_mask is None and" in probes.model_code("gpt2", "GPT2Attention.forward"),
         raises="_pytest.outcomes.Failed",
         reason="known issue (transformers 4.52-4.57 GPT-2): GPT2Attention passes is_causal=False whenever it has an "
         "attention mask, which flash attention honours while the mask it gets is the 2D padding mask, so the prompt "
@@ -343,7 +148,7 @@ KNOWN_ISSUES: tuple[KnownIssue, ...] = (
     KnownIssue(
         id="dynamic-cache-int-recompiles",
         applies=lambda cache, attention, device: cache == "dynamic",
-        present=_dynamic_cache_counts_in_an_int,
+        present=probes.dynamic_cache_counts_in_an_int,
         raises="_pytest.outcomes.Failed",
         run=False,
         reason="known issue (transformers 4.4x, seen in 4.46.3): the DynamicCache is an nn.Module counting its tokens "
@@ -354,8 +159,8 @@ KNOWN_ISSUES: tuple[KnownIssue, ...] = (
     KnownIssue(
         id="paged-eager-ignores-attention-softcap",
         applies=lambda cache, attention, device: attention == "eager",
-        hits=lambda config: getattr(_text_config(config), "attn_logit_softcapping", None) is not None,
-        present=_paged_eager_drops_softcap,
+        hits=lambda config: getattr(probes.text_config(config), "attn_logit_softcapping", None) is not None,
+        present=probes.paged_eager_drops_softcap,
         raises="_pytest.outcomes.Failed",
         reason="known issue (transformers 5.x continuous batching): eager_paged_attention_forward, the 'paged|eager' "
         "attention that continuous batching switches eager to, takes softcap in its kwargs and never applies it, so a model "
@@ -364,8 +169,8 @@ KNOWN_ISSUES: tuple[KnownIssue, ...] = (
     ),
     KnownIssue(
         id="batching-runs-models-without-attention-interface",
-        hits=_without_attention_backend,
-        present=_batching_takes_any_attention,
+        hits=probes.without_attention_backend,
+        present=probes.batching_takes_any_attention,
         raises="_pytest.outcomes.Failed",
         reason="known issue (transformers 5.x continuous batching): a model whose attention does not go through the "
         "attention interface (_supports_attention_backend False, e.g. GPT-Neo) is accepted, its layers never call the "
@@ -375,28 +180,28 @@ KNOWN_ISSUES: tuple[KnownIssue, ...] = (
     KnownIssue(
         id="prompt-lookup-overruns-static-cache",
         applies=lambda cache, attention, device: cache == "static",
-        present=_prompt_lookup_overruns_max_length,
+        present=probes.prompt_lookup_overruns_max_length,
         raises="IndexError",
         reason="known issue: PromptLookupCandidateGenerator caps a draft at max_length as a source index, not as a "
         "length, so a draft near the end writes past a static cache (IndexError in index_copy_)",
     ),
     KnownIssue(
         id="early-exit-drops-is-first-iteration",
-        present=_early_exit_drops_first_iteration,
+        present=probes.early_exit_drops_first_iteration,
         raises="TypeError",
         reason="known issue: EarlyExitCandidateGenerator.get_candidates calls the base get_candidates without its "
         "required is_first_iteration argument (TypeError on the first draft)",
     ),
     KnownIssue(
         id="universal-draft-gets-target-inputs",
-        present=_universal_draft_gets_target_inputs,
+        present=probes.universal_draft_gets_target_inputs,
         raises="RuntimeError",
         reason="known issue: universal assisted decoding hands the draft model the target's attention mask or position "
         "ids, whose length differs from the draft's re-tokenized input (size mismatch in the draft's forward)",
     ),
     KnownIssue(
         id="universal-draft-cache-rolled-back-by-target-length",
-        present=_universal_draft_cache_rolled_back_by_target_length,
+        present=probes.universal_draft_cache_rolled_back_by_target_length,
         raises="RuntimeError",
         reason="known issue (transformers 5.25.0; 5.24 is right): universal assisted decoding rolls the draft's cache back "
         "by the length of the last candidates counted in the target's tokens, not by what the draft's cache holds, so stale "
@@ -407,8 +212,8 @@ KNOWN_ISSUES: tuple[KnownIssue, ...] = (
         id="universal-draft-with-sliding-window",
         # a draft whose cache keeps sliding layers: transformers' caches read `sliding_window`; GPT-Neo's local layers
         # (`window_size`) are cached in full and do not meet it (XPASS on 5.24)
-        hits=lambda config: _has_sliding_layers(config) and getattr(_text_config(config), "sliding_window", None) is not None,
-        present=lambda: transformers_major() >= 5,
+        hits=lambda config: probes.has_sliding_layers(config) and getattr(probes.text_config(config), "sliding_window", None) is not None,
+        present=lambda: probes.transformers_major() >= 5,
         raises="RuntimeError",
         reason="known issue (seen in transformers 5.20.2 and 5.24 on tiny-gemma2 and tiny-mistral, once the text passes the sliding "
         "window): universal assisted decoding with a sliding-window draft gives the draft an attention mask shorter "

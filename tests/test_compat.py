@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers.generation import candidate_generator as cg
 
-from pytest_llmopt import compat, known_issues, outcomes
+from pytest_llmopt import compat, known_issues, outcomes, probes
 
 
 class _Cache454:
@@ -106,7 +106,7 @@ def test_universal_draft_probe_sees_the_5_0_prefill_path(monkeypatch):
         return {}
 
     monkeypatch.setattr(cg.AssistedCandidateGenerator, "_prepare_generation_args", prepare, raising=False)
-    assert known_issues._universal_draft_gets_target_inputs()
+    assert probes.universal_draft_gets_target_inputs()
 
 
 def test_universal_draft_probe_sees_position_ids_kept_and_dropped(monkeypatch):
@@ -125,9 +125,9 @@ def test_universal_draft_probe_sees_position_ids_kept_and_dropped(monkeypatch):
     monkeypatch.setattr(cg.AssistedCandidateGenerator, "_prepare_generation_args", prepare, raising=False)
     monkeypatch.setattr(cg, "_prepare_position_ids", lambda *a: None, raising=False)
     monkeypatch.setattr(cg.AssistedCandidateGeneratorDifferentTokenizers, "get_candidates", kept)
-    assert known_issues._universal_draft_gets_target_inputs()
+    assert probes.universal_draft_gets_target_inputs()
     monkeypatch.setattr(cg.AssistedCandidateGeneratorDifferentTokenizers, "get_candidates", dropped)
-    assert not known_issues._universal_draft_gets_target_inputs()
+    assert not probes.universal_draft_gets_target_inputs()
 
 
 def test_early_exit_probe(monkeypatch):
@@ -144,9 +144,9 @@ def test_early_exit_probe(monkeypatch):
 
     monkeypatch.setattr(cg.AssistedCandidateGenerator, "get_candidates", base)
     monkeypatch.setattr(cg.EarlyExitCandidateGenerator, "get_candidates", broken)
-    assert known_issues._early_exit_drops_first_iteration()
+    assert probes.early_exit_drops_first_iteration()
     monkeypatch.setattr(cg.EarlyExitCandidateGenerator, "get_candidates", fixed)
-    assert not known_issues._early_exit_drops_first_iteration()
+    assert not probes.early_exit_drops_first_iteration()
 
 
 def test_universal_draft_rollback_probe_reads_the_installed_code(monkeypatch):
@@ -171,7 +171,7 @@ def test_universal_draft_rollback_probe_reads_the_installed_code(monkeypatch):
     for rollback, drafting, expected in ((by_last_length, target_length, True), (by_own_cache, target_length, False), (by_last_length, draft_length, False)):
         monkeypatch.setattr(cg.AssistedCandidateGenerator, "_update_past_and_masks", rollback)
         monkeypatch.setattr(universal, "get_candidates", drafting)
-        assert known_issues._universal_draft_cache_rolled_back_by_target_length() is expected, (rollback.__name__, drafting.__name__)
+        assert probes.universal_draft_cache_rolled_back_by_target_length() is expected, (rollback.__name__, drafting.__name__)
 
 
 def test_instance_overrides_nest_and_restore():
@@ -280,7 +280,7 @@ def test_4x_gemma2_probes_read_the_installed_code(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(gemma2, "Gemma2SdpaAttention", Sdpa, raising=False)
     monkeypatch.setattr(gemma2, "Gemma2DecoderLayer", Layer)
     monkeypatch.setattr(transformers.cache_utils, "HybridCache", Hybrid, raising=False)
-    assert known_issues._sdpa_drops_softcap()
+    assert probes.sdpa_drops_softcap()
     assert known_issues.BY_ID["gemma2-decode-window-mask-misaligned"].present()
     assert known_issues.BY_ID["sliding-cache-shifts-one-slot"].present()
 
@@ -299,7 +299,7 @@ def test_4x_gemma2_probes_read_the_installed_code(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(gemma2, "Gemma2SdpaAttention", Capped)
     monkeypatch.setattr(gemma2, "Gemma2DecoderLayer", Offset)
     monkeypatch.setattr(transformers.cache_utils, "HybridCache", Rolled)
-    assert not known_issues._sdpa_drops_softcap()
+    assert not probes.sdpa_drops_softcap()
     assert not known_issues.BY_ID["gemma2-decode-window-mask-misaligned"].present()
     assert not known_issues.BY_ID["sliding-cache-shifts-one-slot"].present()
 
@@ -444,8 +444,8 @@ def test_flex_mask_probes_read_the_installed_code(monkeypatch: pytest.MonkeyPatc
 
     for build, offsets, pads_unpadded in ((mask_52, False, True), (mask_513, True, True), (mask_514, True, False)):
         monkeypatch.setattr(masking_utils, "flex_attention_mask", build, raising=False)
-        assert known_issues._flex_mask_from_offsets() is offsets, build.__name__
-        assert known_issues._flex_mask_pads_unpadded() is pads_unpadded, build.__name__
+        assert probes.flex_mask_from_offsets() is offsets, build.__name__
+        assert probes.flex_mask_pads_unpadded() is pads_unpadded, build.__name__
 
 
 def test_a_check_without_padding_meets_a_mask_bug_only_where_its_mask_is_beyond_causal(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -455,17 +455,17 @@ def test_a_check_without_padding_meets_a_mask_bug_only_where_its_mask_is_beyond_
     assert known_issues.unknown([f"{codegen}:unpadded"]) == []
     assert known_issues.unknown([f"{codegen}:padded", "prompt-lookup-overruns-static-cache:unpadded"]) == sorted([f"{codegen}:padded", "prompt-lookup-overruns-static-cache:unpadded"])
     monkeypatch.setattr(torch, "__version__", "2.13.0+cpu")
-    monkeypatch.setattr(known_issues, "_flex_mask_from_offsets", lambda: True)
+    monkeypatch.setattr(probes, "flex_mask_from_offsets", lambda: True)
     llama, gemma2 = builtin_config("tiny-llama"), builtin_config("tiny-gemma2")
 
     def declared(ids: list[str], config: object) -> list[str]:
         return [i.id for i in known_issues.known_issues(ids, "dynamic", "flex_attention", "cpu", config)]
 
-    monkeypatch.setattr(known_issues, "_flex_mask_pads_unpadded", lambda: False)  # 5.14+: a prompt alone is causal only
+    monkeypatch.setattr(probes, "flex_mask_pads_unpadded", lambda: False)  # 5.14+: a prompt alone is causal only
     assert declared([f"{codegen}:unpadded"], llama) == []
     assert declared([f"{codegen}:unpadded"], gemma2) == [codegen]  # its sliding window is beyond causal
     assert declared([codegen], llama) == [codegen]  # a padded check meets it on any model
-    monkeypatch.setattr(known_issues, "_flex_mask_pads_unpadded", lambda: True)  # 5.5-5.13: a padding term all the same
+    monkeypatch.setattr(probes, "flex_mask_pads_unpadded", lambda: True)  # 5.5-5.13: a padding term all the same
     assert declared([f"{codegen}:unpadded"], llama) == [codegen]
 
 
@@ -473,7 +473,7 @@ def test_a_bug_of_compiled_code_spares_the_variants_that_do_not_compile(monkeypa
     from pytest_llmopt.zoo import builtin_config
 
     monkeypatch.setattr(torch, "__version__", "2.13.0+cpu")
-    monkeypatch.setattr(known_issues, "_flex_mask_from_offsets", lambda: False)  # 4.57-5.2's masks
+    monkeypatch.setattr(probes, "flex_mask_from_offsets", lambda: False)  # 4.57-5.2's masks
     decode = "torch-flex-attention-cpu-decode"
     config = builtin_config("tiny-qwen2")
     assert known_issues.known_issues([decode], "static-object", "flex_attention", "cpu", config, compiled=False) == []
