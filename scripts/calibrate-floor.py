@@ -2,12 +2,13 @@
 """Measure the rounding-noise floor of a model in a low precision, and how attention kernels and injected
 faults compare with it (the data behind equivalence.FLOOR_FACTOR; see baselines/*/NOTES.md).
 
-For each built-in shape and dtype: the same weights in float32 (eager, no cache) are the reference. Each path's
+For each model and dtype: the same weights in float32 (float64 for a float32 run; eager, no cache) are the reference. Each path's
 logits over a left-padded batch are compared with it; the plain path (eager attention in the run dtype) gives
 the floor. Printed per path: several statistics of |Δlogit| against float32 and their ratio to the plain
 path's, so that the statistic and the factor can be chosen from data.
 
-Usage: python scripts/calibrate-floor.py --model llama-1b-shape --dtype bfloat16 [--out DIR]
+Usage: python scripts/calibrate-floor.py --model llama-1b-shape --dtype bfloat16 [--device cpu] [--out DIR]
+(--model also takes any model the plugin does: a folder, a GGUF file, smollm2-135m.)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from pytest_llmopt import compat, zoo
+from pytest_llmopt import compat, models, zoo
 from pytest_llmopt.equivalence import error_stats
 from pytest_llmopt.prompts import BUILTIN, long_prompt
 
@@ -55,6 +56,14 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
     return torch.arange(mask.shape[1], device=mask.device) - (mask.shape[1] - mask.long().sum(-1, keepdim=True))
 
 
+def load(name: str, dtype: torch.dtype, device: str) -> tuple[torch.nn.Module, object]:
+    """A built-in shape by name, or any model the plugin accepts (a folder, a GGUF file, smollm2-135m)."""
+    if zoo.is_builtin(name):
+        return zoo.build_builtin(name, 0, dtype, device, compat.from_config, "eager"), zoo.builtin_tokenizer(name)
+    spec = models.resolve(name)
+    return compat.from_pretrained(spec.source, dtype, device, "eager").eval(), models.load_tokenizer(spec, False)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", action="append", required=True)
@@ -67,9 +76,9 @@ def main() -> None:
         for dtype_name in args.dtype or ["bfloat16"]:
             dtype = getattr(torch, dtype_name)
             started = time.perf_counter()
-            model = zoo.build_builtin(name, 0, dtype, args.device, compat.from_config, "eager")
-            reference = copy.deepcopy(model).float()
-            tok = zoo.builtin_tokenizer(name)
+            model, tok = load(name, dtype, args.device)
+            # float32 runs are judged against float64, as the suites' reference does (reference.PRECISE_DTYPE)
+            reference = copy.deepcopy(model).to(torch.float64 if dtype == torch.float32 else torch.float32)
             batches = {
                 "padded batch": tok([p.text for p in BUILTIN], return_tensors="pt", padding=True),
                 "long padded": tok([long_prompt(tok, 1024), long_prompt(tok, 512)], return_tensors="pt", padding=True),
