@@ -19,6 +19,7 @@ import torch
 
 from . import compat
 from .instrumentation import StateLeftBehindError, model_state, state_changes
+from .measure import cache_layout
 
 RESULT_TIMEOUT = 120.0  # seconds without any finished request before a run is declared stuck
 
@@ -118,8 +119,11 @@ def serve(
 ) -> dict[str, Answer]:
     """Each request added to a running manager, in order; ``later`` ones added once the first answer is back
     (while the others are still generating). Every answer is waited for."""
-    for request in requests:
+    def add(request: Request) -> None:
         running.add_request(list(request.prompt), request_id=request.name, max_new_tokens=request.new_tokens, eos_token_id=_eos_list(eos))
+
+    for request in requests:
+        add(request)
     waiting = {r.name for r in (*requests, *later)}
     pending_later = list(later)
     answers: dict[str, Answer] = {}
@@ -137,7 +141,7 @@ def serve(
         logprobs = tuple(float(x) for x in result.logprobs) if getattr(result, "logprobs", None) else None
         answers[result.request_id] = Answer(tuple(int(t) for t in result.generated_tokens), logprobs, result.error)
         for request in pending_later:
-            running.add_request(list(request.prompt), request_id=request.name, max_new_tokens=request.new_tokens, eos_token_id=_eos_list(eos))
+            add(request)
         pending_later = []
     return answers
 
@@ -196,10 +200,8 @@ def cache_size(running: Any, model: Any) -> CacheSize | None:
     if page is None:
         cb = running.continuous_batching_config
         page = getattr(cb, "page_size", None) or cb.block_size
-    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    layout = cache_layout(model.config)
     itemsize = torch.empty((), dtype=model.dtype).element_size()
-    kv = int(blocks) * int(page) * text.num_hidden_layers * heads * head_dim * 2 * itemsize
+    kv = int(blocks) * int(page) * layout.layers * layout.kv_heads * layout.head_dim * 2 * itemsize
     allocated = sum(t.untyped_storage().nbytes() for t in _tensors(cache, set()))
     return CacheSize(int(blocks), int(page), allocated, kv)

@@ -39,23 +39,28 @@ def pinned(**extra: Any) -> Any:
     return batching.config(**settings)
 
 
-def requests(case, runner, tag: str = "") -> list[batching.Request]:
+def requests(case, runner) -> list[batching.Request]:
     """Each prompt whole and cut to its first half (several lengths), each with its own max_new_tokens."""
     out = []
     for prompt in case.prompts:
         ids = runner.encode(prompt.text)[0][0].tolist()
         for part, cut in (("whole", ids), ("half", ids[: max(2, len(ids) // 2)])):
             new = max(2, case.new_tokens - (3 * len(out)) % max(case.new_tokens // 2, 1))
-            out.append(batching.Request(f"{tag}{prompt.name}:{part}", tuple(cut), new))
+            out.append(batching.Request(f"{prompt.name}:{part}", tuple(cut), new))
     return out
+
+
+def require_batching() -> None:
+    """A release without continuous batching: every check here is unsupported, saying so."""
+    reason = batching.unsupported_reason()
+    if reason:
+        outcomes.unsupported(reason)
 
 
 def served(case, runner, reqs, cb_config, later=(), eos=None) -> batching.Served:
     """The requests through a fresh manager on the target's model; a release or an attention that continuous
     batching does not take is unsupported, with transformers' words."""
-    reason = batching.unsupported_reason()
-    if reason:
-        outcomes.unsupported(reason)
+    require_batching()
     with runner.active() as model:
         try:
             return batching.run(model, reqs, cb_config, later=later, eos=eos)
@@ -74,6 +79,7 @@ class Judge:
         self.precise = case.precise(self.plain)
         self.factor = FLOOR_FACTOR[case.session.machine.dtype]
         self._plain: dict[tuple[tuple[int, ...], int], Generation] = {}
+        self._floors: dict[tuple[tuple[tuple[int, ...], int], ...], Floor] = {}
 
     def plain_answer(self, request: batching.Request) -> Generation:
         key = (request.prompt, request.new_tokens)
@@ -83,8 +89,11 @@ class Judge:
         return self._plain[key]
 
     def floor(self, reqs) -> Floor:
-        generations = [self.plain_answer(r) for r in reqs]
-        return floor_of(generations, [self.precise.generation_logits(g) for g in generations])
+        key = tuple((r.prompt, r.new_tokens) for r in reqs)
+        if key not in self._floors:  # the same requests are judged once per schedule: one reference forward each
+            generations = [self.plain_answer(r) for r in reqs]
+            self._floors[key] = floor_of(generations, [self.precise.generation_logits(g) for g in generations])
+        return self._floors[key]
 
     def check(self, reqs, run: batching.Served, what: str, expected=None) -> list:
         """Every request's answer against the reference; fails the test naming each bad one. ``expected``:
@@ -195,9 +204,7 @@ def test_paged_cache_holds_what_it_says_and_is_freed(llmopt_case):
     few reserved pages more), and nothing of it is left once the manager stops."""
     case = llmopt_case
     reqs = requests(case, case.target)[:2]
-    reason = batching.unsupported_reason()
-    if reason:
-        outcomes.unsupported(reason)
+    require_batching()
     with case.target.active() as model, batching.manager(model, batching.generation_config(model), pinned()) as running:
         batching.serve(running, reqs)
         size = batching.cache_size(running, model)
@@ -233,10 +240,7 @@ def test_persistent_manager_answers_the_second_batch(llmopt_case):
     if not second:
         outcomes.not_run("one prompt gives one request: a second batch needs two prompts")
     judge = Judge(case)
-    reason = batching.unsupported_reason()
-    if reason:
-        outcomes.unsupported(reason)
-    gen = None
+    require_batching()
     with case.target.active() as model:
         gen = batching.generation_config(model)
         cb_config = pinned()
@@ -307,9 +311,7 @@ def test_sampling_keeps_the_distribution(llmopt_case, setting):
     """Sampled answers of 50 requests of one prompt, scheduled together, follow the model's processed distribution
     (PIT values, Kolmogorov-Smirnov, alpha 1e-3): the paged path and its sampler change no probability."""
     case = llmopt_case
-    reason = batching.unsupported_reason()
-    if reason:
-        outcomes.unsupported(reason)
+    require_batching()
     prompt = case.prompts[0]
     with case.explain(f"continuous batching, sampling ({setting})"):
         case.check_distribution(BatchedSampler(case.target), prompt.text, SAMPLES, SAMPLE_TOKENS, what=f"continuous batching, {setting}, prompt {prompt.name!r}", **SAMPLING[setting])
