@@ -33,13 +33,14 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeGuard
 
 from . import metrics as mx
 from . import stats
+from .gpulock import file_lock
 
 SCHEMA = 2
 # The environment keys that make two sessions the same stack (what a timed figure may be pooled over).
@@ -341,26 +342,6 @@ def write_atomic(path: Path, text: str | bytes) -> None:
         raise
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Serialize read-merge-write of one file between processes (pytest-xdist workers), where fcntl exists."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows: one process updates at a time
-        yield
-        return
-    import hashlib
-
-    # The lock lives in the temporary folder, not beside the baselines (nothing to ignore in a repository).
-    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:16]
-    with open(Path(tempfile.gettempdir()) / f"llmopt-baseline-{digest}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 class Store:
     """The baselines of one directory, read once each; updates go straight to disk."""
 
@@ -402,7 +383,7 @@ class Store:
 
     def update(self, hardware: str, model: str, environment: dict[str, Any], check: str, measured: Mapping[str, Measured], host: str = "") -> Path:
         path = self.path(hardware, model)
-        with _locked(path):
+        with file_lock(path, "baseline"):
             existing = load(path) if path.is_file() else None
             doc, restarted = merged(existing, path, hardware, model, environment, check, measured, host)
             write_atomic(path, json.dumps(doc.to_json(), indent=1) + "\n")

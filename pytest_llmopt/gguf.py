@@ -26,10 +26,11 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar
+
+from .gpulock import file_lock
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)  # what the gguf package (and so transformers) reads
@@ -275,19 +276,6 @@ def _key(path: Path) -> str:
     return hashlib.sha256(what.encode()).hexdigest()[:16]
 
 
-@contextlib.contextmanager
-def _locked(lock: Path) -> Iterator[None]:
-    """One converter at a time per file (xdist workers and the controller resolve the same models)."""
-    import fcntl
-
-    with open(lock, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def converted(path: Path, header: Header, packaged: str | None = None) -> Path:
     """The transformers folder converted from ``path``: from the cache, or converted now (once per file and versions)."""
     root = cache_root()
@@ -295,7 +283,7 @@ def converted(path: Path, header: Header, packaged: str | None = None) -> Path:
     if (folder / ORIGIN_FILE).is_file():
         return folder
     root.mkdir(parents=True, exist_ok=True)
-    with _locked(root / f"{folder.name}.lock"):
+    with file_lock(folder, "gguf"):  # one converter at a time per file: xdist workers and the controller resolve the same models
         if (folder / ORIGIN_FILE).is_file():
             return folder
         work = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=root))

@@ -5,7 +5,8 @@ Every llmopt test holds the device's lock shared for its whole run; a speed camp
 calibration) holds it exclusive. A turnstile keeps a campaign from waiting forever behind a stream of shared
 takers: a shared taker passes through the turnstile before taking its share, and an exclusive taker holds the
 turnstile while it waits, so new tests queue behind it. Locks are fcntl locks on files in the temporary folder
-(released by the kernel if a worker dies); where fcntl does not exist (Windows) the lock does nothing.
+(released by the kernel if a worker dies); where fcntl does not exist (Windows) the lock does nothing. ``file_lock``
+is the same kind of lock around one file's read-modify-write (baselines, GGUF conversions).
 """
 
 from __future__ import annotations
@@ -89,6 +90,25 @@ class DeviceLock:
         if had_share:
             self._shared = open(lock_path(self.device_key), "a")  # noqa: SIM115
             fcntl.flock(self._shared, fcntl.LOCK_SH)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, purpose: str) -> Iterator[None]:
+    """Serialize work on one file or folder between processes (pytest-xdist workers and their controller): an
+    exclusive lock in the temporary folder (nothing to ignore beside ``path``), keyed by ``purpose`` and the path."""
+    fcntl = _fcntl()
+    if fcntl is None:  # pragma: no cover - Windows: one process at a time
+        yield
+        return
+    import hashlib
+
+    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"llmopt-{purpose}-{digest}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _fcntl() -> Any:
