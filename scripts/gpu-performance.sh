@@ -2,12 +2,15 @@
 # The speed protocol on a CUDA machine (issue 28): sessions of the performance suite appended to baselines under
 # $OUT/baselines, one more judged against them (A/A), the independent measurement, injected faults; then the
 # agreement table. Run from the repository root (flash-attn / bitsandbytes on PYTHONPATH: scripts/gpu-site.sh).
-# Usage: OUT=results [MODELS="llama-1b-shape llama-7b-shape"] [BUDGET=100] [BUNDLE=file.tar] scripts/gpu-performance.sh STEP...
+# Usage: OUT=results [MODELS="llama-1b-shape llama-7b-shape"] [BUDGET=100] [BUNDLE=file.tar] [FAULT_K="test_generate_speed and compile"]
+#        scripts/gpu-performance.sh STEP...
 #   session   a session appended to the baselines (--llmopt-update-baselines): run it 3 times for a pooled baseline
 #   judge     a session judged against them (no update): an A/A comparison, no regression expected
 #   independent   scripts/measure-speed.py, interleaved
 #   gpu-work:PCT  | host:MS@TEXT | compile-off   a judged session with that fault (scripts/perf_fault_plugin.py),
-#                 on the first model only; each must fail on the figure it slows
+#                 on the first model only; each must fail on the figure it slows. FAULT_K (a -k expression) narrows
+#                 these sessions to some checks: a smaller campaign, so more tries fit; a step named
+#                 again is another try (fault-NAME-2.json, ...)
 #   table     scripts/compare-speed.py of the last two session reports (and the independent one)
 set -uo pipefail
 out=${OUT:-gpu-performance}
@@ -36,10 +39,12 @@ for step in "$@"; do
                      --out "$out/independent.json" > "$out/independent.log" 2>&1 ;;
         gpu-work:*|host:*|compile-off)
             name=${step//[^A-Za-z0-9_.-]/_}
+            base=$name try=1
+            while [[ -e $out/fault-$name.log ]]; do try=$((try + 1)) name=$base-$try; done
             fault=$step; [[ $step == host:* ]] && fault=decode-delay:${step#host:}
             LLMOPT_PERF_FAULT=$fault LLMOPT_PERF_FAULT_BASELINE=$(ls "$out"/baselines/*/"${models[0]}".json | head -1) \
                 PYTHONPATH=scripts:$PYTHONPATH python3 -m pytest "${flags[@]}" $(model_flags "${models[0]}") -p perf_fault_plugin \
-                --llmopt-report="$out/fault-$name.json" > "$out/fault-$name.log" 2>&1 ;;
+                ${FAULT_K:+-k "$FAULT_K"} --llmopt-report="$out/fault-$name.json" > "$out/fault-$name.log" 2>&1 ;;
         table) last=$(ls -v "$out"/session-*.json | tail -2)
                python3 scripts/compare-speed.py $last $([[ -f $out/independent.json ]] && echo "$out/independent.json") > "$out/agreement.md" ;;
     esac
