@@ -2,7 +2,8 @@
 """Measure the rounding-noise floor of a model in a low precision, and how attention kernels and injected
 faults compare with it (the data behind equivalence.FLOOR_FACTOR; see baselines/*/NOTES.md).
 
-For each model and dtype: the same weights in float32 (float64 for a float32 run; eager, no cache) are the reference. Each path's
+For each model and dtype: the same weights in float32 (float64 for a float32 run; eager, no cache, each prompt
+alone without padding) are the reference. Each path's
 logits over a left-padded batch are compared with it; the plain path (eager attention in the run dtype) gives
 the floor. Printed per path: several statistics of |Δlogit| against float32 and their ratio to the plain
 path's, so that the statistic and the factor can be chosen from data.
@@ -50,6 +51,22 @@ def logits(model, ids, mask, attention: str, backend: str | None = None, drop_ma
     return out.logits.float()
 
 
+def unpadded_logits(model, ids, mask) -> torch.Tensor:
+    """The reference row by row on its own tokens (no padding, no mask), laid out like the padded batch: a padded
+    float64 batch through eager attention gives NaN (a pad query row masked everywhere overflows to -inf, and
+    0 x NaN carries it into the real rows), and a reference should share no padding code with the paths it judges."""
+    out = None
+    with torch.no_grad():
+        for row in range(ids.shape[0]):
+            keep = mask[row].bool()
+            got = model(input_ids=ids[row, keep][None], use_cache=False).logits.float()[0]
+            if out is None:
+                out = torch.zeros(ids.shape[0], ids.shape[1], got.shape[-1], device=got.device)
+            out[row, keep] = got
+    assert out is not None
+    return out
+
+
 def positions(mask: torch.Tensor) -> torch.Tensor:
     """Left padding: real tokens at 0, 1, ...; pads before them at -k..-1. Monotone, so transformers' packed-sequence
     detection (which treats a position reset as a new sequence when no mask is given) never triggers."""
@@ -85,7 +102,8 @@ def main() -> None:
             }
             for batch_name, enc in batches.items():
                 ids, mask = enc["input_ids"].to(args.device), enc["attention_mask"].to(args.device)
-                ref = logits(reference, ids, mask, "eager")
+                reference.set_attn_implementation("eager")
+                ref = unpadded_logits(reference, ids, mask)
                 valid = mask.bool()
                 plain = error_stats(logits(model, ids, mask, "eager"), ref, valid)
                 paths = {
