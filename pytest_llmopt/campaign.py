@@ -19,7 +19,8 @@ The campaign's rules:
   least ``plan.min_rounds`` kept rounds and ``plan.min_timed_s`` of timed calls, even past the budget (up to
   HARD_CAP times it).
 - On CUDA a round in which a call was descheduled for more than 10 % of its wall time is kept in the record
-  and left out of the estimates; more than a third of the rounds dropped makes the campaign "too noisy".
+  and left out of the estimates (not judged for a request mix, which generates on threads of its own); more
+  than a third of the rounds dropped makes the campaign "too noisy".
 - The garbage collector is frozen after the warm-ups and off during every timed call.
 - On CUDA each path also makes ``plan.profiled_calls`` profiled calls (gpuwork.py) outside the rounds: the
   GPU's own work per token.
@@ -41,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import stats
-from .timing import Run, cudagraph_activity, timed_call
+from .timing import Run, cudagraph_activity, timed_call, timed_whole
 
 CURRENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("llmopt_speed_path", default=None)
 TWIN = "'"  # the reference's twin slot is its key with this suffix
@@ -69,6 +70,7 @@ class Path:
     generate: Callable[[list[Any]], Any]  # (logits processors) -> sequences
     compiled: bool = False
     per_step: bool = True  # one logits-processor call per token (False for draft paths)
+    tokens: int | None = None  # a whole-call path (a request mix): generate() returns the tokens it made, this many
 
 
 @dataclass
@@ -210,7 +212,10 @@ class Campaign:
             torch.cuda.reset_peak_memory_stats(self.device)
         gc.disable()
         try:
-            run = timed_call(path.generate, self.device, self.prompt_len, self.plan.new_tokens)
+            if path.tokens is not None:
+                run = timed_whole(path.generate, self.device, path.tokens)
+            else:
+                run = timed_call(path.generate, self.device, self.prompt_len, self.plan.new_tokens)
         finally:
             gc.enable()
             CURRENT.reset(token)
@@ -264,7 +269,8 @@ class Campaign:
                 key = slot.removesuffix(TWIN)
                 run = self._call(paths[key], records[key], timing=index)
                 timed += run.wall_ms / 1000.0
-                worst = max(worst, run.descheduled)
+                if paths[key].tokens is None:  # a request mix runs on threads of its own: its caller's CPU time says nothing
+                    worst = max(worst, run.descheduled)
                 if index == 0:
                     records[key].burn_in = records[key].burn_in or run
                 elif slot.endswith(TWIN):
@@ -295,12 +301,15 @@ class Campaign:
         return orders, dropped, late, stopped, timed
 
     def _profile(self, path: Path, record: PathRecord) -> None:
-        from .gpuwork import profiled
+        from .gpuwork import profiled, profiled_whole
 
         token = CURRENT.set(path.key)
         try:
             for _ in range(self.plan.profiled_calls):
-                record.gpu_ms += profiled(path.generate, self.device, self.plan.new_tokens, path.per_step)
+                if path.tokens is not None:
+                    record.gpu_ms += profiled_whole(path.generate, self.device, path.tokens)
+                else:
+                    record.gpu_ms += profiled(path.generate, self.device, self.plan.new_tokens, path.per_step)
         except Exception as exc:  # a trace without kernels (a profiler that cannot see this device): said, not hidden
             record.gpu_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         finally:

@@ -77,6 +77,22 @@ def profiled(generate: Callable[[list[Any]], Any], device: Any, tokens: int, per
     return [decode_busy(markers, kernels) / 1e6 / max(1, tokens - 1)]
 
 
+def profiled_whole(serve: Callable[[list[Any]], int], device: Any, tokens: int) -> list[float]:
+    """A whole-call path (a request mix) under the CUDA profiler: every kernel of the call, prefills included,
+    over the tokens it produced (one value)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        serve([])
+        torch.cuda.synchronize(device)
+    _, kernels = _events(prof)
+    if not kernels:
+        raise RuntimeError("the CUDA trace of the request mix holds no kernels: no GPU work per token can be read from it")
+    return [busy_ms(kernels) / 1e6 / max(1, tokens)]
+
+
 def _events(prof: Any) -> tuple[list[float], list[tuple[float, float]]]:
     """(marker start times, device activity intervals) in nanoseconds on the trace's host-aligned clock: the
     profiler's raw events (its post-processed event list is slower and may time out on long traces)."""

@@ -32,7 +32,7 @@ import pytest
 
 from . import baselines as bl
 from . import metrics as mx
-from .speedplan import PROMPT_TOKENS, Group, Planned, check_key
+from .speedplan import PROMPT_TOKENS, Group, Planned, check_key, group_key, workload
 
 ESTIMATOR = 2  # how figures are estimated; baselines of another estimator are not comparable
 
@@ -60,7 +60,7 @@ class PerfPlugin:
         self.root = settings.baselines or Path(config.rootpath) / "baselines"
         self.store = bl.Store(self.root)
         self.update = settings.update_baselines
-        self.groups: dict[tuple[str, str], Group] = {}
+        self.groups: dict[tuple[str, str, str], Group] = {}
         self.missing: dict[Path, list[str]] = {}
         self.written: set[Path] = set()
         self.compared = 0
@@ -152,10 +152,12 @@ class PerfPlugin:
                 self.plan(item, param)
 
     def plan(self, item: pytest.Item, param: Any) -> Planned:
-        group = self.groups.setdefault((param.spec.name, param.variant.quant), Group(param.spec.name, param.variant.quant))
-        key = check_key(item, param.variant.id)
         marker = item.get_closest_marker("llmopt_speed")
-        planned = Planned(key, param, dict(marker.kwargs) if marker else {})
+        extra = dict(marker.kwargs) if marker else {}
+        name, quant = param.spec.name, param.variant.quant
+        group = self.groups.setdefault(group_key(name, quant, extra), Group(name, quant, workload(extra)))
+        key = check_key(item, param.variant.id)
+        planned = Planned(key, param, extra)
         group.planned.setdefault(key, planned)
         return group.planned[key]
 

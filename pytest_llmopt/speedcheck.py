@@ -11,7 +11,7 @@ import pytest
 from . import baselines as bl
 from . import metrics as mx
 from . import outcomes
-from .speedplan import Group, Planned, check_key
+from .speedplan import Group, Planned, check_key, group_key, workload
 from .speedrun import Figures, Outcome, load_shared, run, save_shared, shared_path
 
 
@@ -24,12 +24,13 @@ class SpeedCheck:
         """Time ``case`` in its model's campaign; record, judge against the baseline. Returns the recorded figures."""
         plugin = self.plugin
         key = check_key(case.node, case.variant.id)
-        group = plugin.groups.get((case.spec.name, case.variant.quant))
+        marker = case.node.get_closest_marker("llmopt_speed")
+        extra = dict(marker.kwargs) if marker else {}
+        group = plugin.groups.get(group_key(case.spec.name, case.variant.quant, extra))
         if group is None or key not in group.planned:
             # not planned at collection (a test outside the suites' markers): a campaign of its own
-            group = Group(case.spec.name, case.variant.quant)
-            marker = case.node.get_closest_marker("llmopt_speed")
-            group.planned[key] = Planned(key, case.param, dict(marker.kwargs) if marker else {})
+            group = Group(case.spec.name, case.variant.quant, workload(extra))
+            group.planned[key] = Planned(key, case.param, extra)
         outcome = self._outcome(group, case)
         if key in outcome.raised:
             with case.explain("timing"):

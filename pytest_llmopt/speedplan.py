@@ -23,12 +23,23 @@ class Planned:
 
 @dataclass
 class Group:
-    """The paths one campaign times: a model on one kind of weights, against the plain unquantized path."""
+    """The paths one campaign times: a model on one kind of weights and one workload (the one prompt, or the
+    request mix of throughput.py), against the plain unquantized path on it."""
 
     model: str
     quant: str
+    workload: str = "prompt"  # "prompt" | "requests"
     planned: dict[str, Planned] = field(default_factory=dict)
     outcome: Any = None  # speedrun.Outcome once run (here or by another worker), or the exception its campaign raised
+
+
+def workload(extra: dict[str, Any]) -> str:
+    """The workload a speed check's marker asks for: ``requests=...`` times a request mix, anything else the one prompt."""
+    return "requests" if "requests" in extra else "prompt"
+
+
+def group_key(model: str, quant: str, extra: dict[str, Any]) -> tuple[str, str, str]:
+    return (model, quant, workload(extra))
 
 
 def check_key(node: pytest.Item, variant_id: str) -> str:

@@ -92,26 +92,35 @@ def run(plugin: Any, group: Any, case: Any) -> Outcome:
     The caller holds the device's lock exclusive."""
     import torch
 
+    from . import throughput
     from .speedplan import prompt_ids
 
     setup = plugin.setup
     reference = case.param.reference
     reference_runner = case.runner(reference)
     ids = prompt_ids(reference_runner)
+    requests = throughput.mix(ids[0].tolist(), setup.new_tokens) if group.workload == "requests" else None
     built: dict[str, Built] = {}
     raised: dict[str, Raised] = {}
-    reference_key = f"reference[{reference.id}]"
+    reference_key = f"reference[{reference.id}]" if requests is None else f"reference[{reference.id}/{throughput.REFERENCE}]"
     own = [key for key, p in group.planned.items() if p.param.variant == p.param.reference and not p.extra]
     for key, planned in group.planned.items():
         if key in own:
             continue
         try:
-            built[key] = build(key, case.runner(planned.param.variant), planned.param, ids, planned.extra, setup.new_tokens)
+            runner = case.runner(planned.param.variant)
+            if requests is not None:
+                built[key] = Built(throughput.path(planned.extra["requests"], key, runner, requests), runner, planned.param)
+            else:
+                built[key] = build(key, runner, planned.param, ids, planned.extra, setup.new_tokens)
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as exc:
             raised[key] = Raised.of(exc)
-    built[reference_key] = build(reference_key, reference_runner, case.param, ids, {}, setup.new_tokens)
+    if requests is not None:
+        built[reference_key] = Built(throughput.path(throughput.REFERENCE, reference_key, reference_runner, requests), reference_runner, case.param)
+    else:
+        built[reference_key] = build(reference_key, reference_runner, case.param, ids, {}, setup.new_tokens)
     for runner in {id(b.runner.model): b.runner for b in built.values()}.values():
         # transformers sizes a new static cache to the longest one this model has seen (_previous_max_cache_length) and
         # older releases keep it on the model (_cache): forget both once, before the warm-ups (never between rounds)
@@ -173,14 +182,18 @@ def read(plugin: Any, result: Any, built: Built, own: bool, bandwidth: float | N
     record = result.paths[key]
     device_type = plugin.machine.device_type
     cuda = device_type == "cuda"
-    metrics: dict[str, Any] = {name: result.median(key, name) for name in ("step_ms", "decode_ms", "ttft_ms", "total_ms")}
-    metrics.update(rounds=len(record.runs), compile_s=record.compile_s, tokens_per_s=plugin.setup.new_tokens / (metrics["total_ms"] / 1000.0))
+    whole = built.path.tokens  # a request mix: the call is the figure (its decode_ms is the time per token)
+    names = ("total_ms", "decode_ms") if whole else ("step_ms", "decode_ms", "ttft_ms", "total_ms")
+    metrics: dict[str, Any] = {name: result.median(key, name) for name in names}
+    per_token = metrics["decode_ms"] if whole else metrics["step_ms"]
+    tokens = whole or plugin.setup.new_tokens
+    metrics.update(rounds=len(record.runs), compile_s=record.compile_s, tokens_per_s=tokens / (metrics["total_ms"] / 1000.0))
     intervals: dict[str, Any] = {}
     measured: dict[str, bl.Measured] = {}
     gpu = result.gpu_estimate(key) if cuda else None
-    busy = gpu.value / metrics["step_ms"] if gpu is not None and metrics["step_ms"] > 0 else None
+    busy = gpu.value / per_token if gpu is not None and per_token > 0 else None
     ref_gpu = result.gpu_estimate(result.reference) if cuda else None
-    ref_step = result.median(result.reference, "step_ms")
+    ref_step = result.median(result.reference, "decode_ms" if whole else "step_ms")
     ref_busy = ref_gpu.value / ref_step if ref_gpu is not None and ref_step > 0 else None
     band = max((stats.band_class(busy, device_type), stats.band_class(ref_busy, device_type)), key=lambda c: stats.DEFAULT_SIGMA_BETWEEN[c])
     if gpu is not None:
@@ -197,13 +210,17 @@ def read(plugin: Any, result: Any, built: Built, own: bool, bandwidth: float | N
         if noise is not None:
             metrics["noise_per_call"] = noise
     else:
-        for name, figure in (("decode_speedup", "step_ms"), ("speedup", "total_ms")):
+        pairs = (("speedup", "total_ms"),) if whole else (("decode_speedup", "step_ms"), ("speedup", "total_ms"))
+        for name, figure in pairs:
             est = result.paired(key, figure)
             if est is not None:
                 metrics[name] = est.value
                 intervals[name] = {**est.to_json(), "band": band}
                 measured[name] = bl.Measured(est.value, est, band, busy)
-        metrics["reference_step_ms"] = ref_step
+        if whole:
+            metrics.update(requests=whole // plugin.setup.new_tokens, reference_tokens_per_s=tokens / (result.median(result.reference, "total_ms") / 1000.0))
+        else:
+            metrics["reference_step_ms"] = ref_step
     metrics["band"] = band
     if built.drafts is not None and built.drafts.acceptance_rate is not None:
         metrics["acceptance_rate"] = built.drafts.acceptance_rate
@@ -218,7 +235,7 @@ def read(plugin: Any, result: Any, built: Built, own: bool, bandwidth: float | N
             metrics["peak_memory_bytes"] = record.peak_bytes + _weight_bytes(built.runner.model)
             measured["peak_memory_bytes"] = bl.Measured(float(metrics["peak_memory_bytes"]))
         metrics.update({f"cudagraphs_{k}": v for k, v in record.graphs.items()})
-        if bandwidth:
+        if bandwidth and not whole:  # the roofline is batch 1's
             metrics.update(roofline(built.runner.model, PROMPT_TOKENS, plugin.setup.new_tokens, bandwidth, metrics["step_ms"]))
     metrics["intervals"] = intervals
     metrics["campaign"] = {
@@ -259,7 +276,7 @@ def summary(group: Any, result: Any, variants: int) -> str:
     if aa is not None:
         bias = f", A/A bias {aa.value - 1:+.1%}" + (" (an order effect?)" if abs(aa.log) > 2 * aa.se else "")
     return (
-        f"{group.model} ({group.quant}): {variants} variant(s) x {len(result.kept)} rounds ({len(result.dropped)} dropped, {len(result.late)} late warm-up), "
+        f"{group.model} ({group.quant}{', request mix' if group.workload == 'requests' else ''}): {variants} variant(s) x {len(result.kept)} rounds ({len(result.dropped)} dropped, {len(result.late)} late warm-up), "
         f"stopped on {result.stopped}, "
         f"{result.timed_seconds:.1f} s timed of {result.seconds:.1f} s; A/A noise per call {'?' if noise is None else f'{noise:.1%}'}{bias}; "
         f"noise class {noise_class(noise)}"
@@ -270,7 +287,7 @@ def summary(group: Any, result: Any, variants: int) -> str:
 
 
 def shared_path(run_id: str, group: Any) -> Path:
-    digest = hashlib.sha1(f"{run_id}\0{group.model}\0{group.quant}".encode()).hexdigest()[:20]
+    digest = hashlib.sha1(f"{run_id}\0{group.model}\0{group.quant}\0{group.workload}".encode()).hexdigest()[:20]
     return Path(tempfile.gettempdir()) / f"llmopt-speed-{digest}.pkl"
 
 

@@ -107,6 +107,24 @@ def timed_call(generate: Callable[[list[Any]], torch.Tensor], device: torch.devi
     return Run(ttft, decode, total, produced, steps, wall, cpu)
 
 
+def timed_whole(serve: Callable[[list[Any]], int], device: torch.device, tokens: int) -> Run:
+    """Time a whole-call path end to end: ``serve([])`` runs every request of a mix and returns the tokens it
+    produced (it must be ``tokens``). No step marks: a mix has no one decode loop to split (requests join and
+    leave it), so the figure is the call, and ``decode_ms`` is its time per produced token. The CPU time is the
+    process's: continuous batching generates on a thread of its own while the caller waits."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    produced = serve([])
+    if cuda:
+        torch.cuda.synchronize(device)
+    wall, cpu = (time.perf_counter() - wall) * 1000.0, (time.process_time() - cpu) * 1000.0
+    if produced != tokens:
+        raise ShortOutputError(f"the request mix produced {produced} tokens instead of the forced {tokens}: not comparable")
+    return Run(float("nan"), wall / tokens, wall, tokens, (), wall, cpu)
+
+
 def _as_processor(clock: StepClock) -> Any:
     """Wrap the clock in transformers' LogitsProcessor class (generate() checks the type in some releases)."""
     from transformers import LogitsProcessor

@@ -1,6 +1,10 @@
 """Speed: every optimization that applies, timed in one interleaved campaign per model against the plain path,
 and judged against the stored baseline of this card and stack (pytest_llmopt/perf.py says how).
 
+Two more checks time a request mix (throughput.py) instead of the one prompt: plain generate() on it as one
+padded batch and continuous batching's generate_batch, each against the requests one by one (speedup is then
+the throughput ratio; tokens_per_s and reference_tokens_per_s beside it).
+
 Figures per check: decode_speedup and speedup (paired per round over the plain path, with their intervals), on
 CUDA gpu_ms_per_token (the GPU's own work per token) and gpu_busy_pct (what bounds the path: the GPU or the
 host), peak_memory_bytes and the decode roofline; acceptance_rate for prompt lookup; compile_s apart; step_ms,
@@ -39,4 +43,20 @@ def test_prompt_lookup_speed(llmopt_case, llmopt_speed):
 @pytest.mark.llmopt(quant=["int8", "nf4"], reference=PLAIN)
 def test_quantized_speed(llmopt_case, llmopt_speed):
     """bitsandbytes weights: slower per token than bf16 at batch 1, by how much is what the baseline keeps."""
+    llmopt_speed.check(llmopt_case)
+
+
+@pytest.mark.llmopt(reference=PLAIN)
+@pytest.mark.llmopt_speed(requests="batched")
+def test_batched_throughput(llmopt_case, llmopt_speed):
+    """A request mix (prompts of several lengths, pytest_llmopt/throughput.py) as one left-padded batch through plain
+    generate(), against the same requests one by one: throughput ratio."""
+    llmopt_speed.check(llmopt_case)
+
+
+@pytest.mark.llmopt(reference=PLAIN)
+@pytest.mark.llmopt_speed(requests="continuous")
+def test_continuous_batching_throughput(llmopt_case, llmopt_speed):
+    """The same request mix through generate_batch (continuous batching over a paged cache, the release's defaults),
+    against the requests one by one."""
     llmopt_speed.check(llmopt_case)

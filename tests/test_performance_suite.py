@@ -38,6 +38,9 @@ class VirtualClock:
     def thread_time(self) -> float:
         return self.now
 
+    def process_time(self) -> float:
+        return self.now
+
     def perf_counter(self) -> float:
         """Each reading costs READ_S: the suite reads once per generated token, so every step, compiled or
         not, takes at least that (the sampling around the forward)."""
@@ -56,7 +59,7 @@ def simulated_device(mp: pytest.MonkeyPatch, extra_decode_s: float = 0.0, cost: 
     from pytest_llmopt import timing
 
     clock = VirtualClock()
-    mp.setattr(timing, "time", types.SimpleNamespace(perf_counter=clock.perf_counter, thread_time=clock.thread_time))
+    mp.setattr(timing, "time", types.SimpleNamespace(perf_counter=clock.perf_counter, thread_time=clock.thread_time, process_time=clock.process_time))
     original = LlamaForCausalLM.forward
 
     @functools.wraps(original)
@@ -258,3 +261,37 @@ def test_a_models_campaign_runs_once_across_xdist_workers(pytester: pytest.Pytes
     doc = json.loads((tmp_path / "r.json").read_text())
     runs = {json.dumps(r["metrics"]["campaign"], sort_keys=True) for r in doc["results"]}
     assert len(runs) == 1  # both checks read the same campaign
+
+
+def test_request_mix_throughput_is_paired_against_one_by_one_and_a_slower_serving_path_is_a_regression(
+    pytester: pytest.Pytester, clean_env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The request mix (throughput.py): one left-padded batch and continuous batching's generate_batch against the
+    requests one by one, in one campaign of their own. On the simulated device a forward costs the same at any
+    batch, so the padded batch's 8 requests come close to 8x; then generate_batch made slower per call (a serving
+    path's host-side regression) fails its check against the baseline, and only its check."""
+    from transformers.generation.continuous_batching import ContinuousMixin
+
+    select = "throughput"
+    with pytest.MonkeyPatch.context() as mp:
+        simulated_device(mp)
+        result = run(pytester, tmp_path, select, "--llmopt-update-baselines")
+        result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["tiny-llama (none, request mix): 2 variant(s) x * rounds*"])
+    doc = json.loads(baseline_file(tmp_path).read_text())
+    batched = doc["checks"]["performance::test_batched_throughput[dynamic/sdpa/fp32]"]
+    assert set(batched) == {"speedup"}  # no decode_speedup: a mix has no one decode loop
+    assert 5 < batched["speedup"]["sessions"][0]["value"] < 8.5
+    clock = simulated_device(clean_env)
+    original = ContinuousMixin.generate_batch
+
+    @functools.wraps(original)
+    def slower(self: Any, *args: Any, **kwargs: Any) -> Any:
+        clock.sleep(0.5)
+        return original(self, *args, **kwargs)
+
+    clean_env.setattr(ContinuousMixin, "generate_batch", slower)
+    result = run(pytester, tmp_path, select)
+    assert result.parseoutcomes().get("failed") == 1  # the batched check: ok, or inconclusive against one provisional session
+    result.stdout.fnmatch_lines(["*test_continuous_batching_throughput*", "*speedup: measured *x, baseline *x: regression*"])
+    assert not [line for line in result.stdout.lines if line.startswith("FAILED") and "test_batched_throughput" in line]
