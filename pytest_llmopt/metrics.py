@@ -77,6 +77,7 @@ FIGURES: dict[str, Figure] = {
         Figure("gpu_busy_pct", "GPU busy", lambda v: f"{v:.0f}%", +1),
         Figure("step_ms", "ms/step", _ms, -1),
         Figure("tokens_per_s", "tokens/s", lambda v: f"{v:.1f}", +1),
+        Figure("reference_tokens_per_s", "tokens/s one by one", lambda v: f"{v:.1f}", +1),
         Figure("decode_ms", "decode ms/token", _ms, -1),
         Figure("ttft_ms", "TTFT ms", lambda v: f"{v:.1f}", -1),
         Figure("roofline_pct", "% of bandwidth floor", lambda v: f"{v:.0f}%", +1),
