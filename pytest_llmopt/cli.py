@@ -202,9 +202,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def _clash(named: list[tuple[Path, dict[str, Any]]]) -> str | None:
+    """Two reports whose models share a name but not a config (two folders called "final"): not one model."""
+    seen: dict[str, tuple[str, Path]] = {}
+    for path, env in named:
+        keys = env.get("model_keys")
+        for name, key in (keys if isinstance(keys, dict) else {}).items():
+            if name in seen and seen[name][0] != key:
+                return f"{seen[name][1]} and {path} name different models {name!r} ({seen[name][0]} and {key}: their configs differ); not one model"
+            seen.setdefault(name, (key, path))
+    return None
+
+
 def _compare(args: argparse.Namespace) -> int:
     base, base_env = load(args.base)
     candidate, cand_env = load(args.candidate)
+    clash = _clash([(args.base, base_env), (args.candidate, cand_env)])
+    if clash:
+        print(f"llmopt: {clash}", file=sys.stderr)
+        return 2
     changes, unchanged = compare(base, candidate)
     text = render_changes(changes, unchanged, base_env, cand_env)
     print(text, end="")
@@ -216,8 +232,12 @@ def _compare(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     merged: dict[str, Result] = {}
     envs = []
-    for path in args.runs:
-        results, env = load(path)
+    loaded = [(path, *load(path)) for path in args.runs]
+    clash = _clash([(path, env) for path, _, env in loaded])
+    if clash:
+        print(f"llmopt: {clash}", file=sys.stderr)
+        return 2
+    for path, results, env in loaded:
         envs.append(env)
         for r in results:
             if r.key in merged:

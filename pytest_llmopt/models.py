@@ -10,8 +10,10 @@ the same message, without trying again.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
+import hashlib
 import re
 import socket
 from collections import OrderedDict
@@ -37,10 +39,20 @@ class ModelSpec:
     ref: str
     kind: str  # "builtin" | "local" | "hub" | "gguf"
     folder: str | None = None  # "gguf": the transformers folder the file was converted to
+    digest: str | None = None  # a folder's or GGUF file's config.json, hashed: see baseline_name
+    label: str | None = None  # the name the session gives it where two models' names would be the same
 
     @property
     def name(self) -> str:
+        if self.label:
+            return self.label
         return Path(self.ref).name if self.kind in ("local", "gguf") else self.ref
+
+    @property
+    def baseline_name(self) -> str:
+        """The model's key in the baseline files: for a folder or GGUF file its name and the digest of its config, so
+        two checkpoints of one name (two folders called "final") never judge each other."""
+        return f"{self.name}-{self.digest}" if self.digest else self.name
 
     @property
     def source(self) -> str:
@@ -66,7 +78,7 @@ def resolve(ref: str, role: str = "--llmopt-model") -> ModelSpec:
             return _gguf_spec(str(path.resolve()), path.resolve())
         if path.is_dir():
             if (path / "config.json").is_file():
-                return ModelSpec(str(path.resolve()), "local")
+                return ModelSpec(str(path.resolve()), "local", digest=config_digest(path))
             found = sorted(path.glob("*.gguf"))
             if len(found) == 1:
                 return _gguf_spec(str(found[0].resolve()), found[0].resolve())
@@ -84,7 +96,31 @@ def resolve(ref: str, role: str = "--llmopt-model") -> ModelSpec:
 def _gguf_spec(ref: str, file: Path, packaged: str | None = None) -> ModelSpec:
     """A GGUF file checked and converted (once; later sessions find the folder in the cache)."""
     header = gguf.inspect(file)
-    return ModelSpec(ref, "gguf", str(gguf.converted(file, header, packaged)))
+    folder = gguf.converted(file, header, packaged)
+    return ModelSpec(ref, "gguf", str(folder), None if packaged else config_digest(Path(folder)))
+
+
+def config_digest(folder: Path) -> str | None:
+    """Eight hex digits of the folder's config.json (None where it cannot be read)."""
+    try:
+        return hashlib.sha256((folder / "config.json").read_bytes()).hexdigest()[:8]
+    except OSError:
+        return None
+
+
+def distinct(specs: tuple[ModelSpec, ...]) -> tuple[ModelSpec, ...]:
+    """Models whose names would be the same (two folders called "final") named by their parent folder too
+    ("run1/final", "run2/final"), so their test ids, report rows and baselines stay apart."""
+    count: dict[str, int] = {}
+    for spec in specs:
+        count[spec.name] = count.get(spec.name, 0) + 1
+    out = []
+    for spec in specs:
+        if count[spec.name] > 1 and spec.kind in ("local", "gguf"):
+            path = Path(spec.ref)
+            spec = dataclasses.replace(spec, label=f"{path.parent.name}/{path.name}")
+        out.append(spec)
+    return tuple(out)
 
 
 def origin(spec: ModelSpec, dtype: str) -> str | None:

@@ -115,6 +115,7 @@ class PerfPlugin:
 
         if not any((f := mx.figure(name)) is not None and f.judged for name in measured):
             return [], {}  # nothing this check measures is judged here (the reference's own check on CPU)
+        model = self.baseline_name(model)
         hardware = self.machine.hardware_id
         same = self.store.get(hardware, model)
         other = None if same is not None else self.store.other_hardware(hardware, model, self.machine.device_type)
@@ -132,8 +133,16 @@ class PerfPlugin:
             note["baseline"] = "missing"
         return findings, note
 
+    def baseline_name(self, model: str) -> str:
+        """The baseline key of the session's model named ``model`` (models.ModelSpec.baseline_name)."""
+        spec = next((s for s in self.llmopt.models if s.name == model), None)
+        return spec.baseline_name if spec is not None else model
+
+    def baseline_path(self, model: str) -> Path:
+        return self.store.path(self.machine.hardware_id, self.baseline_name(model))
+
     def stored_setup(self, model: str) -> dict[str, Any] | None:
-        same = self.store.get(self.machine.hardware_id, model)
+        same = self.store.get(self.machine.hardware_id, self.baseline_name(model))
         return (same.environment.get("setup") if same else None) or None
 
     @pytest.hookimpl
@@ -143,7 +152,7 @@ class PerfPlugin:
         if not items:
             return
         try:
-            self.store.validate(self.machine.hardware_id, [spec.name for spec in self.llmopt.models])
+            self.store.validate(self.machine.hardware_id, [spec.baseline_name for spec in self.llmopt.models])
         except bl.BaselineError as exc:
             raise pytest.UsageError(f"pytest-llmopt: malformed baseline file {exc}") from None
         for item in items:

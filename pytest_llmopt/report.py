@@ -172,6 +172,7 @@ def environment(session: Any) -> dict[str, Any]:
         "dtype": machine.dtype,
         "versions": dict(machine.versions),
         "models": [spec.name for spec in session.models],
+        "model_keys": {spec.name: spec.baseline_name for spec in session.models},  # a folder's name with its config's digest
         "assistant": session.assistant.name if session.assistant else None,
         "variants": str(s.variants),
         "seed": s.seed,

@@ -60,7 +60,7 @@ class LlmoptSession:
 def build(settings: Settings) -> LlmoptSession:
     """Resolve models and prompts; a bad one is one UsageError for the whole session."""
     try:
-        specs = tuple(dict.fromkeys(models.resolve(ref) for ref in settings.models))
+        specs = models.distinct(tuple(dict.fromkeys(models.resolve(ref) for ref in settings.models)))
         assistant = models.resolve(settings.assistant, "--llmopt-assistant") if settings.assistant else None
     except models.ModelError as exc:
         raise pytest.UsageError(f"pytest-llmopt: {exc}") from None

@@ -78,7 +78,7 @@ class SpeedCheck:
         current = plugin.environment()["setup"]
         if stored is not None and stored != current and not plugin.update:
             pytest.fail(
-                f"{case.label}: the baseline {plugin.store.path(plugin.machine.hardware_id, case.spec.name)} was measured with {stored}, "
+                f"{case.label}: the baseline {plugin.baseline_path(case.spec.name)} was measured with {stored}, "
                 f"this run with {current}: not comparable; rerun with --llmopt-update-baselines",
                 pytrace=False,
             )

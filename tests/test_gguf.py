@@ -238,3 +238,20 @@ def test_smollm2_is_the_trained_model_of_its_package(monkeypatch: pytest.MonkeyP
     with torch.no_grad():
         out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False)
     assert loaded.tokenizer.decode(out[0, ids.shape[1] :]) == " Paris."
+
+
+def test_two_folders_of_one_name_get_their_parent_in_the_name_and_their_config_in_the_baseline_key(tmp_path: Path) -> None:
+    """Two checkpoints called "final" in one session: "run1/final" and "run2/final" in ids and reports; alone, a
+    folder keeps its name, and its baseline key carries its config's digest (another "final" never judges it)."""
+    from pytest_llmopt import models
+
+    for run, layers in (("run1", 2), ("run2", 4)):
+        (tmp_path / run / "final").mkdir(parents=True)
+        (tmp_path / run / "final" / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": layers}))
+    one, two = models.resolve(str(tmp_path / "run1" / "final")), models.resolve(str(tmp_path / "run2" / "final"))
+    assert one.name == two.name == "final"
+    assert one.baseline_name.startswith("final-") and one.baseline_name != two.baseline_name
+    named = models.distinct((one, two))
+    assert [s.name for s in named] == ["run1/final", "run2/final"]
+    assert models.distinct((one,)) == (one,)
+    assert models.resolve("tiny-llama").baseline_name == "tiny-llama"

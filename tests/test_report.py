@@ -240,3 +240,22 @@ def test_compare_needs_neither_pytest_nor_torch(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "## llmopt compare: PASS" in done.stdout
+
+
+def test_two_models_of_one_name_are_never_compared_or_merged(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Two checkpoints called "final" with different configs: their reports say so (model_keys) and the gate
+    refuses to compare or merge them, with one line naming both."""
+    from pytest_llmopt.report import to_document
+
+    def report(path: Path, key: str) -> Path:
+        env = {"versions": {"transformers": "x"}, "device": "cpu", "model_keys": {"final": key}}
+        path.write_text(json.dumps(to_document([Result("static_cache", "test_x", "final", "static/sdpa/fp32", "passed")], env)))
+        return path
+
+    a, b, a2 = report(tmp_path / "a.json", "final-1111aaaa"), report(tmp_path / "b.json", "final-2222bbbb"), report(tmp_path / "a2.json", "final-1111aaaa")
+    assert main(["compare", str(a), str(a2)]) == 0
+    capsys.readouterr()
+    for command in (["compare", str(a), str(b)], ["report", str(a), str(b), "-o", str(tmp_path / "m.md")]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert err == f"llmopt: {a} and {b} name different models 'final' (final-1111aaaa and final-2222bbbb: their configs differ); not one model\n"
