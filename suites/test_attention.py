@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_llmopt import outcomes
-from pytest_llmopt.prompts import long_prompt
-from pytest_llmopt.variants import ATTENTIONS
+from pytest_llmopt.api import ATTENTIONS, greedy_each_prompt, long_prompt, not_run
 
 CANDIDATES = [name for name in ATTENTIONS if name != "eager"]
 TO_EAGER = {"attention": "eager"}
@@ -30,7 +28,7 @@ LONG_TOKENS = {"cpu": 384, "cuda": 2048}
 def _batch(case, runner):
     ids, mask = runner.encode([p.text for p in case.prompts])
     if bool(mask.all()):
-        outcomes.not_run("the prompts tokenize to equal lengths: no padding to check")
+        not_run("the prompts tokenize to equal lengths: no padding to check")
     return ids, mask
 
 
@@ -49,13 +47,11 @@ def test_single_prompt_matches_eager(llmopt_case):
     logits of the prompt and the greedy continuation match eager's."""
     case = llmopt_case
     reference, target = case.reference, case.target
-    plain, got = [], []
-    for prompt in case.prompts:
-        ids, mask = target.encode(prompt.text)
+
+    def logits(prompt, ids, mask):
         case.check_logits(reference.forward_logits(ids, mask), target.forward_logits(ids, mask), ids, mask, what=f"prompt {prompt.name!r}")
-        plain.append(reference.generate(ids, mask, case.new_tokens))
-        got.append(target.generate(ids, mask, case.new_tokens))
-    case.check_greedy(plain, got, what="each prompt alone")
+
+    greedy_each_prompt(case, each=logits)
 
 
 @pytest.mark.llmopt(attention=CANDIDATES, reference=TO_EAGER, known_issues=[*FLEX_CPU, *SOFTCAP, "gemma2-flex-4d-mask-in-generate", *FLASH])

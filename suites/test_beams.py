@@ -17,10 +17,16 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_llmopt import beams, compat, outcomes
-from pytest_llmopt.equivalence import FLOOR_FACTOR, ratios_text
-from pytest_llmopt.instrumentation import compiled_forward, dynamo_backend
-from pytest_llmopt.measure import watch_compiles
+from pytest_llmopt.api import (
+    FLOOR_FACTOR,
+    beams,
+    compiled_forward,
+    dynamo_backend,
+    make_static_cache,
+    not_exercised,
+    ratios_text,
+    watch_compiles,
+)
 
 BEAMS, RETURNED = 3, 2
 PLAIN = {"cache": "dynamic", "compile": "off"}
@@ -34,7 +40,7 @@ def _fail(message: str) -> None:
 def _beams(case, runner, ids, mask, what: str) -> beams.BeamRun:
     extra = {}
     if runner.variant.cache == "static-object":  # the cache holds every beam of every prompt
-        extra["cache_object"] = compat.make_static_cache(runner.model, ids.shape[0] * BEAMS, ids.shape[1] + case.new_tokens)
+        extra["cache_object"] = make_static_cache(runner.model, ids.shape[0] * BEAMS, ids.shape[1] + case.new_tokens)
     with case.explain(what):
         return beams.run(runner, ids, mask, case.new_tokens, BEAMS, RETURNED, **extra)
 
@@ -87,7 +93,7 @@ def test_beams_with_compiled_forward(llmopt_case):
         got = _beams(case, case.target, ids, mask, "beam search, compiled forward")
     case.record(compiled_forward_calls=calls["calls"], graphs=seen.graphs)
     if calls["calls"] == 0:
-        outcomes.not_exercised("generate() never called the compiled forward during beam search")
+        not_exercised("generate() never called the compiled forward during beam search")
     if seen.limit_hits:
         _fail(f"{case.label} (beam search, {SAID}): the compiled forward hit dynamo's recompile limit, so it fell back to eager: {'; '.join(seen.limit_hits)}")
     if calls["calls"] != case.new_tokens:

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_llmopt import outcomes
-from pytest_llmopt.measure import cache_layout
+from pytest_llmopt.api import cache_layout, not_run
 
 CACHES = ["dynamic", "static", "static-object"]
 ATTENTIONS = ["eager", "sdpa", "flash_attention_2", "flex_attention"]
@@ -34,14 +33,14 @@ def test_padded_batch_past_the_window_matches_plain(llmopt_case):
     reference, target = case.reference, case.target
     ids, mask = target.encode([p.text for p in case.prompts])
     if bool(mask.all()):
-        outcomes.not_run("the prompts tokenize to equal lengths: no padded batch")
+        not_run("the prompts tokenize to equal lengths: no padded batch")
     window = cache_layout(target.model.config).window
     new_tokens = case.new_tokens
     if window is not None:
         shortest = int(mask.sum(1).min())
         new_tokens = max(new_tokens, window + WINDOW_MARGIN - shortest)
         if case.max_positions is not None and ids.shape[1] + new_tokens > case.max_positions:
-            outcomes.not_run(f"the model takes {case.max_positions} positions: too few to generate past its window of {window}")
+            not_run(f"the model takes {case.max_positions} positions: too few to generate past its window of {window}")
     what = f"padded batch, {new_tokens} new tokens" + (f", every row past the sliding window of {window}" if window else "")
     with case.explain(f"{what}, plain path"):
         plain = reference.generate(ids, mask, new_tokens)

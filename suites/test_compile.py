@@ -16,9 +16,15 @@ import contextlib
 
 import pytest
 
-from pytest_llmopt import compat
-from pytest_llmopt.instrumentation import compiled_forward, count_compiled_calls, dynamo_backend
-from pytest_llmopt.measure import cache_layout, watch_compiles
+from pytest_llmopt.api import (
+    cache_layout,
+    compile_config,
+    compiled_forward,
+    count_compiled_calls,
+    dynamo_backend,
+    greedy_each_prompt,
+    watch_compiles,
+)
 
 TO_EAGER = {"cache": "dynamic", "compile": "off"}
 WARMUP_GRAPHS = 2  # a decode graph, and at most one more (e.g. the first decode step's mask shape)
@@ -39,14 +45,9 @@ def _fresh_dynamo():
 def test_auto_compile_matches_eager(llmopt_case):
     """generate() with a static cache compiles its decode steps: the tokens equal eager, dynamic-cache ones."""
     case = llmopt_case
-    reference, target = case.reference, case.target
-    plain, got = [], []
+    target = case.target
     with count_compiled_calls(target.model) as compiled:
-        for prompt in case.prompts:
-            ids, mask = reference.encode(prompt.text)
-            plain.append(reference.generate(ids, mask, case.new_tokens))
-            got.append(target.generate(ids, mask, case.new_tokens))
-        case.check_greedy(plain, got, what="each prompt alone")
+        greedy_each_prompt(case)
     case.record(compiled_forward_calls=compiled["calls"])
     assert compiled["calls"] > 0, f"{case.label}: generate() never called its compiled forward: auto-compile did not trigger"
 
@@ -54,14 +55,7 @@ def test_auto_compile_matches_eager(llmopt_case):
 @pytest.mark.llmopt(cache="static-object", compile=["default", "reduce-overhead"], reference=TO_EAGER)
 def test_fullgraph_decode_loop_matches_eager(llmopt_case):
     """torch.compile(forward, fullgraph=True) in the guide's decode loop: tokens equal eager generate()."""
-    case = llmopt_case
-    reference, target = case.reference, case.target
-    plain, got = [], []
-    for prompt in case.prompts:
-        ids, mask = reference.encode(prompt.text)
-        plain.append(reference.generate(ids, mask, case.new_tokens))
-        got.append(target.generate(ids, mask, case.new_tokens))
-    case.check_greedy(plain, got, what="each prompt alone")
+    greedy_each_prompt(llmopt_case)
 
 
 @pytest.mark.llmopt(cache="static", compile="auto", reference=TO_EAGER)
@@ -115,7 +109,7 @@ def test_request_mix_compiles_a_bounded_number_of_graphs(llmopt_case):
     ceiling = max(ids.shape[1] + n for ids, _, n in mix)
     extra: dict = {"max_cache_len": ceiling} if compat_max_cache_len() else {}
     if dynamo_backend(case.device_type) != "inductor":
-        extra["compile_config"] = compat.compile_config(all_devices=True, backend=dynamo_backend(case.device_type), mode=None)
+        extra["compile_config"] = compile_config(all_devices=True, backend=dynamo_backend(case.device_type), mode=None)
     # Largest request first: releases without max_cache_len size the cache to the largest call so far.
     mix.sort(key=lambda r: -(r[0].shape[1] + r[2]))
     with watch_compiles() as first:

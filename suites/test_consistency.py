@@ -20,8 +20,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from pytest_llmopt import assistants, compat, outcomes
-from pytest_llmopt.prompts import LOOKUP
+from pytest_llmopt.api import LOOKUP, assistants, make_dynamic_cache, make_static_cache, not_run
 
 ATTENTIONS = ["eager", "sdpa", "flash_attention_2", "flex_attention"]
 FLEX = ["torch-flex-attention-cpu-codegen"]  # the decode-logits issue needs a compiled forward: test_combined
@@ -35,7 +34,7 @@ def _batch_rows_match_alone(case) -> None:
     target = case.target
     ids, mask = target.encode([p.text for p in case.prompts])
     if bool(mask.all()):
-        outcomes.not_run("the prompts tokenize to equal lengths, so the batch has no padding to check")
+        not_run("the prompts tokenize to equal lengths, so the batch has no padding to check")
     with case.explain("left-padded batch"):
         batch = target.generate(ids, mask, case.new_tokens)
     alone = []
@@ -72,7 +71,7 @@ def test_continuation_matches_from_scratch(llmopt_case):
 
     def continued(force: torch.Tensor | None = None):
         model = target.model
-        cache = compat.make_dynamic_cache(model, length) if case.variant.cache == "dynamic" else compat.make_static_cache(model, 1, length)
+        cache = make_dynamic_cache(model, length) if case.variant.cache == "dynamic" else make_static_cache(model, 1, length)
         turn = target.generate(first_ids, first_mask, case.new_tokens, cache_object=cache)
         ids = second.setdefault("ids", torch.cat([turn.sequences.to(follow.device), follow], dim=1))
         out = target.generate(ids, torch.ones_like(ids), case.new_tokens, force=force, cache_object=cache)

@@ -20,9 +20,18 @@ from typing import Any
 import pytest
 import torch
 
-from pytest_llmopt import batching, outcomes
-from pytest_llmopt.choices import Floor, floor_of, judge_answer, summary
-from pytest_llmopt.equivalence import FLOOR_FACTOR, Generation
+from pytest_llmopt.api import (
+    FLOOR_FACTOR,
+    Floor,
+    Generation,
+    batching,
+    floor_of,
+    judge_answer,
+    not_exercised,
+    not_run,
+    summary,
+    unsupported,
+)
 
 PAGE = 16  # tokens per page: every prompt spans several
 STEP_TOKENS = 32  # max_batch_tokens: fewer than the requests' prompts together, so they are scheduled over steps
@@ -54,7 +63,7 @@ def require_batching() -> None:
     """A release without continuous batching: every check here is unsupported, saying so."""
     reason = batching.unsupported_reason()
     if reason:
-        outcomes.unsupported(reason)
+        unsupported(reason)
 
 
 def served(case, runner, reqs, cb_config, later=(), eos=None) -> batching.Served:
@@ -66,7 +75,7 @@ def served(case, runner, reqs, cb_config, later=(), eos=None) -> batching.Served
             return batching.run(model, reqs, cb_config, later=later, eos=eos)
         except ValueError as exc:
             if "not supported for continuous batching" in str(exc):
-                outcomes.unsupported(f"unsupported by transformers: {exc}")
+                unsupported(f"unsupported by transformers: {exc}")
             raise
 
 
@@ -195,7 +204,7 @@ def test_each_request_stops_at_its_eos(llmopt_case):
     stopped = sum(eos in a.tokens for a in run.answers.values())
     case.record(eos=eos, stopped_at_eos=stopped)
     if stopped == 0:
-        outcomes.not_exercised(f"no request's answer held the EOS {eos}: stopping at an EOS never ran")
+        not_exercised(f"no request's answer held the EOS {eos}: stopping at an EOS never ran")
 
 
 @pytest.mark.llmopt(reference={}, known_issues=NO_INTERFACE)
@@ -211,7 +220,7 @@ def test_paged_cache_holds_what_it_says_and_is_freed(llmopt_case):
         cache = weakref.ref(running.batch_processor.cache)
     gc.collect()
     if size is None:
-        outcomes.unsupported("this release keeps the paged cache where the suite cannot read its size")
+        unsupported("this release keeps the paged cache where the suite cannot read its size")
     reserved = size.allocated - size.kv_bytes
     block = size.kv_bytes // size.blocks
     case.record(blocks=size.blocks, page_size=size.page_size, kv_bytes=size.kv_bytes, allocated_bytes=size.allocated)
@@ -238,7 +247,7 @@ def test_persistent_manager_answers_the_second_batch(llmopt_case):
     reqs = requests(case, case.target)
     first, second = reqs[::2], reqs[1::2]
     if not second:
-        outcomes.not_run("one prompt gives one request: a second batch needs two prompts")
+        not_run("one prompt gives one request: a second batch needs two prompts")
     judge = Judge(case)
     require_batching()
     with case.target.active() as model:
@@ -268,7 +277,7 @@ def test_default_configuration(llmopt_case):
     (the attention that ran is recorded). Each answer is plain greedy's."""
     case = llmopt_case
     if case.device_type != "cuda":
-        outcomes.not_run(
+        not_run(
             "the default configuration sizes the paged cache from free accelerator memory: on a CPU it took 57 s and 14.7 GB "
             "for tiny-llama (transformers 5.25.0); run on a GPU runner (--llmopt-device=cuda)"
         )

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_llmopt import compat, hybrid, memory
-from pytest_llmopt.prompts import long_prompt
+from pytest_llmopt.api import cache_tensors, generate_kwargs, hybrid, long_prompt, memory
 
 LONG_TOKENS = {
     "cpu": 96,
@@ -77,7 +76,7 @@ def test_attention_peak_not_above_eager(llmopt_case):
 
 def _generate_with_cache(runner, ids, mask, new_tokens, cache):
     """generate() returning its own past_key_values (the cache it built)."""
-    kwargs = compat.generate_kwargs(
+    kwargs = generate_kwargs(
         new_tokens=new_tokens,
         cache=cache,
         compile_mode="off",
@@ -180,4 +179,4 @@ def _kept_cache_bytes(model) -> int:
     cache = getattr(model, "_cache", None)
     if cache is None:
         return 0
-    return sum(t.nelement() * t.element_size() for t in compat.cache_tensors(cache))
+    return sum(t.nelement() * t.element_size() for t in cache_tensors(cache))

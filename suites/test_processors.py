@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_llmopt import assistants, outcomes
-from pytest_llmopt.instrumentation import track_drafts
-from pytest_llmopt.prompts import LOOKUP
-from pytest_llmopt.scores import compare_scores
+from pytest_llmopt.api import LOOKUP, assistants, compare_scores, not_exercised, track_drafts
 
 PENALTY = 1.3
 SETTINGS = {"repetition_penalty": PENALTY, "no_repeat_ngram_size": 3, "output_scores": True}
@@ -72,4 +69,4 @@ def test_drafts_under_processors_match_plain(llmopt_case):
         _compare(case, ids, mask, f"prompt lookup, prompt {prompt.name!r}", **LOOKUP)
     case.record(**drafts.figures())
     if drafts.accepted == 0:
-        outcomes.not_exercised(f"the self draft had 0 of {drafts.proposed} draft tokens accepted under the processors: no draft position was verified")
+        not_exercised(f"the self draft had 0 of {drafts.proposed} draft tokens accepted under the processors: no draft position was verified")

@@ -14,9 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pytest_llmopt import outcomes
-from pytest_llmopt.instrumentation import track_drafts
-from pytest_llmopt.prompts import LOOKUP, copy_point, grounded
+from pytest_llmopt.api import LOOKUP, copy_point, grounded, not_exercised, track_drafts
 
 SAMPLES, SAMPLE_TOKENS = 50, 32  # 1,600 PIT values in 50 generate calls (each token of a continuation is its own value)
 SEARCH_TOKENS = 256  # how far each prompt's plain greedy continuation is searched for a repeat
@@ -73,7 +71,7 @@ def test_greedy_matches_plain_greedy(llmopt_case):
     )
     if drafts.accepted == 0:
         why = "no built-in prompt's greedy continuation repeats itself" if copying is None else f"not even on the copying prompt ({copying[1]})"
-        outcomes.not_exercised(f"prompt lookup: 0 of {drafts.proposed} draft tokens accepted ({why}): the commit of accepted drafts never ran")
+        not_exercised(f"prompt lookup: 0 of {drafts.proposed} draft tokens accepted ({why}): the commit of accepted drafts never ran")
 
 
 @pytest.mark.llmopt(reference={})
@@ -92,4 +90,4 @@ def test_sampling_keeps_the_distribution(llmopt_case):
         case.check_distribution(case.target, ids, SAMPLES, SAMPLE_TOKENS, what=f"prompt lookup, {what}", **LOOKUP)
     case.record(**drafts.figures())
     if drafts.accepted == 0:
-        outcomes.not_exercised(f"prompt lookup sampling: 0 of {drafts.proposed} draft tokens accepted on the {what}")
+        not_exercised(f"prompt lookup sampling: 0 of {drafts.proposed} draft tokens accepted on the {what}")

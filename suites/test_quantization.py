@@ -19,7 +19,7 @@ from dataclasses import replace
 
 import pytest
 
-from pytest_llmopt import assistants, footprint, outcomes, qlayers, quantize
+from pytest_llmopt.api import assistants, footprint, not_run, qlayers, quantize
 
 SCHEMES = ["int8", "nf4", "fp4", "nf4-dq"]
 TO_UNQUANTIZED = {"quant": "none"}
@@ -51,7 +51,7 @@ def _quality(case, reference, target):
 def _trained_quality(case, reference, target, scheme):
     """Whole-model quality against its bounds, on trained weights; "not run" on random ones."""
     if quantize.model_kind(case.spec) != "trained":
-        outcomes.not_run(
+        not_run(
             "needs trained weights: a random model's next-token distribution is nearly flat, so the agreement of a quantized "
             "copy says nothing there (the layer rule, test_layers, judges the quantization on any weights)"
         )

@@ -15,9 +15,18 @@ from types import SimpleNamespace
 
 import pytest
 
-from pytest_llmopt import assistants, outcomes, zoo
-from pytest_llmopt.compat import early_exit_unsupported, layers_restored
-from pytest_llmopt.instrumentation import track_drafts
+from pytest_llmopt.api import (
+    ModelSpec,
+    assistants,
+    early_exit_unsupported,
+    greedy_each_prompt,
+    layers_restored,
+    not_exercised,
+    not_run,
+    track_drafts,
+    unsupported,
+    zoo,
+)
 
 SAMPLES, SAMPLE_TOKENS = 50, 32  # 1,600 PIT values in 50 generate calls (each token of a continuation is its own value)
 # Users' sampling settings: warpers and a repetition penalty (the reference applies them with its own code).
@@ -37,15 +46,8 @@ WARPERS = {
 def _greedy_with(case, runner, what, both=None, **extra):
     """Every prompt: greedy with ``extra`` (the draft) vs plain greedy, ``both`` passed to each; returns
     the draft statistics."""
-    reference = case.reference
-    both = both or {}
-    plain, got = [], []
     with track_drafts() as drafts:
-        for prompt in case.prompts:
-            ids, mask = runner.encode(prompt.text)
-            plain.append(reference.generate(ids, mask, case.new_tokens, **both))
-            got.append(runner.generate(ids, mask, case.new_tokens, **both, **extra))
-        case.check_greedy(plain, got, what=f"{what}, each prompt alone")
+        greedy_each_prompt(case, f"{what}, each prompt alone", candidate=runner, both=both, extra=extra)
     case.record(**drafts.figures())
     assert drafts.proposed > 0, f"{case.label}: the {what} proposed no draft token, so nothing was verified"
     return drafts
@@ -54,7 +56,7 @@ def _greedy_with(case, runner, what, both=None, **extra):
 def _accepted_some(drafts, what) -> None:
     """A draft meant to be partly right must have some tokens accepted, or the path was not exercised."""
     if drafts.accepted == 0:
-        outcomes.not_exercised(f"the {what} had 0 of {drafts.proposed} draft tokens accepted: the commit of accepted drafts never ran")
+        not_exercised(f"the {what} had 0 of {drafts.proposed} draft tokens accepted: the commit of accepted drafts never ran")
 
 
 @pytest.mark.llmopt(cache=["dynamic", "static"], reference={"cache": "dynamic"}, known_issues=["sliding-cache-shifts-one-slot"])
@@ -99,7 +101,7 @@ def test_draft_agreeing_for_k_tokens_has_k_accepted(llmopt_case):
     case = llmopt_case
     reference, target = case.reference, case.target
     if case.new_tokens <= AGREE + 1:
-        outcomes.not_run(f"needs more than {AGREE + 1} new tokens (--llmopt-new-tokens)")
+        not_run(f"needs more than {AGREE + 1} new tokens (--llmopt-new-tokens)")
     plain, got, counts = [], [], []
     for prompt in case.prompts:
         ids, mask = target.encode(prompt.text)
@@ -127,10 +129,10 @@ def test_early_exit_self_speculation(llmopt_case):
     target = case.target
     reason = early_exit_unsupported(target.model)
     if reason:
-        outcomes.unsupported(reason)
+        unsupported(reason)
     layers = getattr(target.model.config.get_text_config(), "num_hidden_layers", None)
     if not layers or layers < 2:
-        outcomes.unsupported(f"unsupported by the model: {layers} layer(s), nothing to exit early from")
+        unsupported(f"unsupported by the model: {layers} layer(s), nothing to exit early from")
     with layers_restored(target.model):
         what = f"early exit after {layers // 2} layers"
         _accepted_some(_greedy_with(case, target, what, assistant_early_exit=layers // 2), what)
@@ -147,7 +149,7 @@ def test_user_assistant(llmopt_case):
     case = llmopt_case
     spec = case.assistant
     if spec is None:
-        outcomes.not_run("no assistant given: pass --llmopt-assistant=MODEL to check your draft model")
+        not_run("no assistant given: pass --llmopt-assistant=MODEL to check your draft model")
     target = case.target
     draft = case.runner(spec=spec)
     _accepted_some(_greedy_with(case, target, f"assistant {spec.name}", **_assistant_kwargs(target, draft)), f"assistant {spec.name}")
@@ -217,10 +219,9 @@ def _assistant_kwargs(target, draft) -> dict:
 
 
 def _other_tokenizer_builtin(case, target):
-    from pytest_llmopt.models import ModelSpec
 
     for name in (zoo.DEFAULT_ASSISTANT_OTHER_TOKENIZER, zoo.DEFAULT_MODEL):
         spec = ModelSpec(name, "builtin")
         if not _same_vocabulary(target.tokenizer, case.tokenizer(spec)):
             return spec
-    outcomes.not_run("no built-in model with another tokenizer than the target's")
+    not_run("no built-in model with another tokenizer than the target's")

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_llmopt import compat, outcomes
-from pytest_llmopt.measure import static_cache_bytes
+from pytest_llmopt.api import cache_tensors, greedy_each_prompt, make_static_cache, not_run, static_cache_bytes
 
 TO_DYNAMIC = {"cache": "dynamic"}
 
@@ -18,15 +17,7 @@ TO_DYNAMIC = {"cache": "dynamic"}
 @pytest.mark.llmopt(cache=["static", "static-object"], reference=TO_DYNAMIC)
 def test_matches_dynamic(llmopt_case):
     """Each prompt alone (batch 1): static-cache tokens equal dynamic-cache tokens, up to near-ties."""
-    case = llmopt_case
-    reference, target = case.reference, case.target
-    plain, got = [], []
-    for prompt in case.prompts:
-        ids, mask = reference.encode(prompt.text)
-        with case.explain(f"prompt {prompt.name!r}"):
-            got.append(target.generate(ids, mask, case.new_tokens))
-        plain.append(reference.generate(ids, mask, case.new_tokens))
-    case.check_greedy(plain, got, what="each prompt alone")
+    greedy_each_prompt(llmopt_case, explain=True)
 
 
 @pytest.mark.llmopt(cache=["static", "static-object"], reference=TO_DYNAMIC)
@@ -36,7 +27,7 @@ def test_padded_batch_matches_dynamic(llmopt_case):
     reference, target = case.reference, case.target
     ids, mask = reference.encode([p.text for p in case.prompts])
     if bool(mask.all()):
-        outcomes.not_run("the prompts tokenize to equal lengths, so the batch has no padding to check")
+        not_run("the prompts tokenize to equal lengths, so the batch has no padding to check")
     case.check_greedy(reference.generate(ids, mask, case.new_tokens), target.generate(ids, mask, case.new_tokens))
 
 
@@ -65,7 +56,7 @@ def test_reused_cache_object_after_reset(llmopt_case):
     reference, target = case.reference, case.target
     encoded = [reference.encode(p.text) for p in case.prompts]
     longest = max(ids.shape[1] for ids, _ in encoded)
-    cache = compat.make_static_cache(target.model, 1, longest + case.new_tokens)
+    cache = make_static_cache(target.model, 1, longest + case.new_tokens)
     plain, got = [], []
     for prompt, (ids, mask) in zip(case.prompts, encoded):
         _reset(case, cache)
@@ -82,7 +73,7 @@ def test_hand_written_decode_loop(llmopt_case):
     reference, target = case.reference, case.target
     encoded = [reference.encode(p.text) for p in case.prompts]
     longest = max(ids.shape[1] for ids, _ in encoded)
-    cache = compat.make_static_cache(target.model, 1, longest + case.new_tokens)
+    cache = make_static_cache(target.model, 1, longest + case.new_tokens)
     plain, got = [], []
     for prompt, (ids, mask) in zip(case.prompts, encoded):
         _reset(case, cache)
@@ -117,9 +108,9 @@ def test_allocated_size_matches_formula(llmopt_case):
     target = case.target
     ids, mask = target.encode([p.text for p in case.prompts])
     batch, max_len = ids.shape[0], ids.shape[1] + case.new_tokens
-    cache = compat.make_static_cache(target.model, batch, max_len)
+    cache = make_static_cache(target.model, batch, max_len)
     target.generate(ids, mask, case.new_tokens, cache_object=cache)
-    allocated = sum(t.numel() * t.element_size() for t in compat.cache_tensors(cache))
+    allocated = sum(t.numel() * t.element_size() for t in cache_tensors(cache))
     expected = static_cache_bytes(target.model.config, batch, max_len, target.model.dtype.itemsize)
     case.record(static_cache_bytes=allocated, static_cache_expected_bytes=expected)
     assert allocated == expected, (
@@ -128,7 +119,7 @@ def test_allocated_size_matches_formula(llmopt_case):
     )
     _reset(case, cache)
     target.generate(ids, mask, case.new_tokens, cache_object=cache)
-    again = sum(t.numel() * t.element_size() for t in compat.cache_tensors(cache))
+    again = sum(t.numel() * t.element_size() for t in cache_tensors(cache))
     assert again == allocated, f"{case.label}: the StaticCache grew from {allocated} to {again} bytes on reuse"
 
 

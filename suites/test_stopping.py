@@ -21,9 +21,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pytest_llmopt import assistants, outcomes, stopping
-from pytest_llmopt.instrumentation import track_drafts
-from pytest_llmopt.prompts import LOOKUP, grounded
+from pytest_llmopt.api import LOOKUP, assistants, grounded, not_exercised, not_run, stopping, track_drafts
 
 CACHES = ["dynamic", "static", "static-object"]
 ATTENTIONS = ["eager", "sdpa", "flash_attention_2", "flex_attention"]
@@ -63,7 +61,7 @@ def _free_batch(case, sample: bool = False):
         free = _run(case, ids, mask, sample)
     found = stopping.plan(free.new_tokens, _never(case.target, free))
     if found is None:
-        outcomes.not_run("no generated token first occurs at different steps in different rows, so no EOS can end them at different steps")
+        not_run("no generated token first occurs at different steps in different rows, so no EOS can end them at different steps")
     return ids, mask, free, found
 
 
@@ -170,10 +168,10 @@ def _eos_inside_blocks(case, sample: bool) -> None:
                 problem = stopping.difference(stopping.cut(free.new_tokens, (step,), _pad(target)), stopped.new_tokens, (step,))
                 _require(problem is None, f"{said}, first met at new token {step}): {problem}")
         if name == "self draft" and drafts.accepted == 0:
-            outcomes.not_exercised(f"the self draft had 0 of {drafts.proposed} draft tokens accepted: no EOS could sit inside an accepted block")
+            not_exercised(f"the self draft had 0 of {drafts.proposed} draft tokens accepted: no EOS could sit inside an accepted block")
     case.record(**{("sampled_" if sample else "") + "eos_inside_a_block": inside})
     if inside == 0:
-        outcomes.not_exercised("no prompt's continuation has a token first met inside a draft block")
+        not_exercised("no prompt's continuation has a token first met inside a draft block")
 
 
 def _first_inside_a_block(row: list[int], never: set[int]) -> tuple[int, int | None]:
@@ -224,7 +222,7 @@ def test_stop_strings_end_each_row(llmopt_case):
     rows = [r.tolist() for r in free.new_tokens]
     text = stopping.stop_string(rows, tokenizer.decode)
     if text is None:
-        outcomes.not_run("no two generated tokens decode to a plain ASCII piece of text that could be a stop string")
+        not_run("no two generated tokens decode to a plain ASCII piece of text that could be a stop string")
     stops = tuple(stopping.text_stop(r, text, tokenizer.decode) for r in rows)
     with case.explain(f"padded batch, stop_strings=[{text!r}]"):
         got = target.generate(ids, mask, case.new_tokens, stop_strings=[text], tokenizer=tokenizer, pad_token_id=_pad(target), **textless).new_tokens

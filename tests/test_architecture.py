@@ -72,3 +72,20 @@ def test_no_placeholder_in_what_ships() -> None:
     found = [f"{path.relative_to(ROOT)}:{number}: {line.strip()}" for folder in (PACKAGE, ROOT / "suites") for path in sorted(folder.glob("*.py"))
              for number, line in enumerate(path.read_text().splitlines(), 1) if words.search(line)]
     assert found == []
+
+
+def test_suites_use_only_the_public_api() -> None:
+    """The shipped suites import pytest_llmopt.api and nothing else of the package (so an internal rename never
+    breaks a suite, theirs or a user's), and no module of the package imports the API back (it is the top)."""
+    suites = sorted((ROOT / "suites").glob("test_*.py"))
+    assert suites
+    offenders = []
+    for path in suites:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "pytest_llmopt" and node.module != "pytest_llmopt.api":
+                offenders.append(f"{path.name}:{node.lineno} from {node.module} import ...")
+            if isinstance(node, ast.Import) and any(a.name.startswith("pytest_llmopt") and a.name != "pytest_llmopt.api" for a in node.names):
+                offenders.append(f"{path.name}:{node.lineno} import {', '.join(a.name for a in node.names)}")
+    assert not offenders, "suites must import from pytest_llmopt.api only:\n" + "\n".join(offenders)
+    importers = [name for name, path in _modules().items() if "api" in _imports(path) and name != "api"]
+    assert not importers, f"modules importing the public API: {importers}"
