@@ -289,7 +289,12 @@ def llmopt_session(pytestconfig: pytest.Config) -> LlmoptSession:
 
 @pytest.fixture
 def llmopt_case(request: pytest.FixtureRequest, llmopt_session: LlmoptSession) -> Case:
-    """The model x variant this test instance checks (a cases.Case)."""
+    """The model x variant this test instance checks: its runners (``.reference``, the plain path; ``.target``, the
+    path under test), prompts and verdicts (``.check_greedy``, ``.check_logits``). Mark the test with the axes it
+    covers and take helpers from ``pytest_llmopt.api`` only. Example: ``from pytest_llmopt.api import
+    greedy_each_prompt``, then ``@pytest.mark.llmopt(cache=["static"], reference={"cache": "dynamic"})`` on
+    ``def test_static(llmopt_case): greedy_each_prompt(llmopt_case)`` (each prompt through both paths, one verdict).
+    """
     from .cases import Case
 
     return Case(request.param, llmopt_session, request.node)

@@ -212,3 +212,25 @@ def test_test_without_marker_is_a_clear_usage_error(pytester: pytest.Pytester, c
 
 def test_python_version_is_supported() -> None:
     assert sys.version_info >= (3, 9)
+
+
+def test_a_users_suite_needs_only_the_public_api(pytester: pytest.Pytester, clean_env: pytest.MonkeyPatch) -> None:
+    """The fixture's documented example, as a user would write it: it runs both paths on each prompt and decides."""
+    pytester.makepyfile(
+        test_mine="""
+        import pytest
+        from pytest_llmopt.api import greedy_each_prompt, not_run
+
+        @pytest.mark.llmopt(cache=["static"], reference={"cache": "dynamic"})
+        def test_static(llmopt_case):
+            plain, got = greedy_each_prompt(llmopt_case)
+            assert len(plain) == len(got) == len(llmopt_case.prompts)
+
+        @pytest.mark.llmopt()
+        def test_said(llmopt_case):
+            not_run("nothing to decide here")
+        """
+    )
+    result = pytester.runpytest("-p", "no:cacheprovider", "-rs")
+    result.assert_outcomes(passed=1, skipped=1)
+    result.stdout.fnmatch_lines(["*mine*pass 1/1 · 1 not run*", "SKIPPED*nothing to decide here"])
