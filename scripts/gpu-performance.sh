@@ -2,10 +2,11 @@
 # The speed protocol on a CUDA machine (issue 28): sessions of the performance suite appended to baselines under
 # $OUT/baselines, one more judged against them (A/A), the independent measurement, injected faults; then the
 # agreement table. Run from the repository root (flash-attn / bitsandbytes on PYTHONPATH: scripts/gpu-site.sh).
-# Usage: OUT=results [MODELS="llama-1b-shape llama-7b-shape"] [BUDGET=100] [BUNDLE=file.tar] [FAULT_K="test_generate_speed and compile"]
+# Usage: OUT=results [MODELS="llama-1b-shape llama-7b-shape"] [BUDGET=100] [BUNDLE=file.tar] [SESSION_K=...] [FAULT_K="test_generate_speed and compile"]
 #        scripts/gpu-performance.sh STEP...
 #   session   a session appended to the baselines (--llmopt-update-baselines): run it 3 times for a pooled baseline
 #   judge     a session judged against them (no update): an A/A comparison, no regression expected
+#             (SESSION_K, a -k expression, narrows sessions and judges, e.g. "throughput" for the request-mix checks)
 #   independent   scripts/measure-speed.py, interleaved
 #   gpu-work:PCT  | host:MS@TEXT | compile-off   a judged session with that fault (scripts/perf_fault_plugin.py),
 #                 on the first model only; each must fail on the figure it slows. FAULT_K (a -k expression) narrows
@@ -32,9 +33,9 @@ for step in "$@"; do
     start=$SECONDS
     case $step in
         session) n=$((n + 1)); python3 -m pytest "${flags[@]}" $(model_flags "${models[@]}") --llmopt-update-baselines \
-                     --llmopt-report="$out/session-$n.json" > "$out/session-$n.log" 2>&1 ;;
+                     ${SESSION_K:+-k "$SESSION_K"} --llmopt-report="$out/session-$n.json" > "$out/session-$n.log" 2>&1 ;;
         judge) n=$((n + 1)); python3 -m pytest "${flags[@]}" $(model_flags "${models[@]}") \
-                     --llmopt-report="$out/session-$n.json" > "$out/session-$n.log" 2>&1 ;;
+                     ${SESSION_K:+-k "$SESSION_K"} --llmopt-report="$out/session-$n.json" > "$out/session-$n.log" 2>&1 ;;
         independent) python3 scripts/measure-speed.py $(printf -- '--shape %s ' "${models[@]}") --new-tokens 32 --rounds 12 \
                      --out "$out/independent.json" > "$out/independent.log" 2>&1 ;;
         gpu-work:*|host:*|compile-off)
