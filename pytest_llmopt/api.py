@@ -12,8 +12,8 @@ optimized paths; the case lends runners of the plain path (``case.reference``) a
     def test_static_cache_matches_dynamic(llmopt_case):
         greedy_each_prompt(llmopt_case)  # each prompt alone, both paths, one verdict on the noise floor
 
-``pytest --fixtures`` lists the fixtures (``llmopt_case``, ``llmopt_speed``, ``llmopt_settings``); README's
-"Writing a suite" section says more. Below: outcomes beyond pass and fail, prompts, verdicts, instruments, the
+``pytest --fixtures`` lists the fixtures (``llmopt_case``, ``llmopt_speed``, ``llmopt_settings``); docs/models-and-options.md
+("Writing a suite") says more. Below: outcomes beyond pass and fail, prompts, verdicts, instruments, the
 transformers helpers that differ between releases, and the toolkits of the domain suites (assistants, beams,
 continuous batching, stopping, memory, quantization), whose functions are part of this API.
 """

@@ -201,7 +201,7 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec(
         "model",
         "model to validate: a hub id, a local folder or a built-in model name (repeatable; "
-        "default: tiny-llama; built-in names are listed in the README)",
+        "default: tiny-llama; built-in names: docs/models-and-options.md)",
         "list",
         ("tiny-llama",),
         _model_list,
