@@ -20,6 +20,7 @@ import torch
 from . import compat
 from .instrumentation import StateLeftBehindError, model_state, state_changes
 from .measure import cache_layout
+from .phases import timed
 
 RESULT_TIMEOUT = 120.0  # seconds without any finished request before a run is declared stuck
 
@@ -146,6 +147,7 @@ def serve(
     return answers
 
 
+@timed("generate")
 def run(
     model: Any,
     requests: Sequence[Request],

@@ -23,6 +23,7 @@ import pytest
 from . import outcomes, variants
 from .models import ModelSpec
 from .outcomes import UNSUPPORTED_BY_MODEL, Status
+from .phases import timed
 from .session import LlmoptSession
 
 if TYPE_CHECKING:
@@ -225,6 +226,7 @@ class Case:
     def reference(self) -> Runner:
         return self.runner(self.param.reference)
 
+    @timed("reference")
     def precise(self, plain: Runner | None = None) -> Any:
         """The higher-precision reference of the plain path's model (reference.Precise; ``plain`` defaults to
         this case's reference runner); a check that needs it is not run where no copy fits, with the reason."""
@@ -261,6 +263,7 @@ class Case:
                 pytrace=False,
             )
 
+    @timed("verdict")
     def check_greedy(self, reference: Any, candidate: Any, what: str = "", plain: Runner | None = None) -> Any:
         """Fail the test unless ``candidate``'s logits stay within the noise floor of ``reference`` (the plain
         path), both judged against a higher-precision cache-free forward over the reference's tokens; where the
@@ -304,6 +307,7 @@ class Case:
             pytest.fail(verdict.message, pytrace=False)
         return verdict
 
+    @timed("verdict")
     def check_distribution(
         self,
         runner: Runner,
@@ -358,6 +362,7 @@ class Case:
             )
         return verdict
 
+    @timed("verdict")
     def check_logits(self, reference: Any, candidate: Any, ids: Any, mask: Any, what: str = "") -> Any:
         """Fail the test unless the candidate's logits of one forward pass over ``ids`` stay within the noise
         floor of the plain path's (``reference``) at every real position, both judged against a

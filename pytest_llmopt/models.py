@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from . import gguf, zoo
+from .phases import timed
 
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 HUB_CONNECT_TIMEOUT_S = 5.0
@@ -260,11 +261,13 @@ class ModelStore:
     def describe(self, spec: ModelSpec) -> ModelInfo:
         return describe(spec, self.trust_remote_code)
 
+    @timed("load")
     def tokenizer(self, spec: ModelSpec) -> Any:
         if spec.ref not in self._tokenizers:
             self._tokenizers[spec.ref] = load_tokenizer(spec, self.trust_remote_code)
         return self._tokenizers[spec.ref]
 
+    @timed("load")
     def load(self, spec: ModelSpec, attention: str, quant: str = "none") -> Loaded:
         """The model with ``attention`` set; loads it (or reloads it, where it cannot switch) if needed."""
         from . import compat

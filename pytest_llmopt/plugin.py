@@ -193,6 +193,13 @@ class ResultsPlugin:
         path = self.config.stash[SETTINGS_KEY].report
         if path:
             terminalreporter.write_line(f"report written to {path}")
+        from .phases import summary_lines
+
+        lines = summary_lines(self.collector.sorted())
+        if lines:
+            terminalreporter.section("llmopt: where the time went")
+            for line in lines:
+                terminalreporter.write_line(line)
 
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
@@ -247,10 +254,20 @@ def _lost_support(item: pytest.Item, report: pytest.TestReport) -> None:
         report.longrepr = message
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> Generator[None, Any, Any]:
+    """Every llmopt test's phases are timed from its setup on (phases.py)."""
+    if "llmopt_case" in getattr(item, "fixturenames", ()):
+        from . import phases
+
+        phases.start()
+    return (yield)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Generator[None, Any, Any]:
     """Out of GPU memory in one test is that test's failure, with one line, and memory is given back
-    so that the rest of the session keeps going."""
+    so that the rest of the session keeps going. The test's phases go into its record."""
     try:
         # the device's timing lock, shared (a speed campaign holds it exclusive), and the peak GPU memory of every llmopt test
         with _device_share(item), _track_peak(item):
@@ -262,6 +279,18 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, Any, Any]:
 
         release_memory()
         raise pytest.fail.Exception(f"out of GPU memory: {str(exc).splitlines()[0]}", pytrace=False) from None
+    finally:
+        _record_phases(item)
+
+
+def _record_phases(item: pytest.Item) -> None:
+    from . import phases
+
+    spent = phases.stop()
+    if spent is not None:
+        from .report import record
+
+        record(item, phases=spent)
 
 
 def _device_share(item: pytest.Item) -> Any:

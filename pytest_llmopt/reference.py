@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .equivalence import Generation
+from .phases import timed
 
 PRECISE_DTYPE = {"float32": torch.float64, "float16": torch.float32, "bfloat16": torch.float32}
 ACTIVATION_ROOM = 4 << 30  # bytes kept free beside the copy for its forward pass (eager attention, float32 logits)
@@ -32,6 +33,7 @@ class Precise:
     model: Any | None
     name: str
 
+    @timed("reference")
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, V] of a cache-free forward pass, in the copy's dtype, on the CPU.
 
@@ -68,6 +70,7 @@ class Precise:
         with torch.no_grad():
             return self.model(**kwargs).logits.cpu()
 
+    @timed("reference")
     def generation_logits(self, generation: Generation) -> torch.Tensor:
         """The next-token logits at each generated position of ``generation`` [B, N, V], by teacher forcing:
         one forward over prompt + generated tokens, with the positions generate() gives a left-padded batch."""

@@ -22,6 +22,7 @@ from .equivalence import Generation
 from .instrumentation import StateLeftBehindError, cache_substitution, model_state, state_changes, transformers_log
 from .machine import Machine
 from .models import Loaded, ModelSpec, ModelStore
+from .phases import timed
 from .variants import Variant
 
 
@@ -90,6 +91,7 @@ class Runner:
         device = self.model.device
         return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
+    @timed("generate")
     def generate(
         self,
         input_ids: torch.Tensor,
@@ -144,6 +146,7 @@ class Runner:
         logits = torch.stack(out.logits, dim=1).float().cpu() if out.logits else None
         mask = None if attention_mask is None else attention_mask.cpu()
 
+        @timed("generate")
         def replay(tokens: torch.Tensor) -> Generation:
             return self.generate(input_ids, attention_mask, new_tokens, do_sample, force=tokens, **replay_extra)
 
@@ -151,6 +154,7 @@ class Runner:
         scores = torch.stack(out.scores, dim=1).float().cpu() if getattr(out, "scores", None) else None
         return Generation(input_ids.cpu(), out.sequences.cpu(), logits, mask, None if do_sample else replay, suppressed, scores)
 
+    @timed("generate")
     def decode_loop(
         self,
         input_ids: torch.Tensor,
@@ -181,6 +185,7 @@ class Runner:
                 tokens.append(self._pick(logits[-1], force, len(tokens)))
         sequences = torch.cat([input_ids, *tokens], dim=1).cpu()
 
+        @timed("generate")
         def replay(forced: torch.Tensor) -> Generation:
             return self.decode_loop(input_ids, new_tokens, compile_mode, force=forced)
 
@@ -203,12 +208,14 @@ class Runner:
             compiled[compile_mode] = torch.compile(model.forward, mode=compile_mode, fullgraph=True)
         return compiled[compile_mode]
 
+    @timed("generate")
     def forward_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Logits of every position of one forward pass (float32, CPU)."""
         with self.active() as model, self.refusals_skip():
             out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return out.logits.float().cpu()
 
+    @timed("generate")
     def sample(self, input_ids: torch.Tensor, samples: int, new_tokens: int, seed: int, **extra: Any) -> torch.Tensor:
         """``samples`` independent sampled continuations of one prompt (batch 1: assisted decoding needs it).
         The mask is explicit: ids built from generated text may hold the pad id, which generate() would
@@ -218,6 +225,7 @@ class Runner:
         rows = [self.generate(input_ids, mask, new_tokens, do_sample=True, **extra).new_tokens for _ in range(samples)]
         return torch.cat(rows, dim=0)
 
+    @timed("generate")
     def exact_probs(
         self, full_ids: torch.Tensor, prompt_len: int, chunk: int = 64, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0
     ) -> torch.Tensor:

@@ -11,6 +11,7 @@ import pytest
 from . import baselines as bl
 from . import metrics as mx
 from . import outcomes
+from .phases import phase
 from .speedplan import Group, Planned, check_key, group_key, workload
 from .speedrun import Figures, Outcome, load_shared, run, save_shared, shared_path
 
@@ -54,7 +55,8 @@ class SpeedCheck:
             found = load_shared(path) if path is not None else None
             if found is None:
                 try:
-                    found = run(plugin, group, case)
+                    with phase("speed"):
+                        found = run(plugin, group, case)
                 except (KeyboardInterrupt, SystemExit):
                     raise
                 except BaseException as exc:
