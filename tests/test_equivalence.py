@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from pytest_llmopt.distribution import distribution_test, kolmogorov_pvalue, ks_uniform, randomized_pit
@@ -311,3 +312,23 @@ def test_left_out_steps_leave_the_test_uniform_and_are_counted():
     _, biased = _exact_and_samples(300, torch.roll(probs, 1), 2)
     verdict = distribution_test(biased, torch.tensor([0]), exact, seed=2, label="biased", undecided=lambda full: every_other)
     assert not verdict.ok and "(150 left out: top-k boundary within the noise)" in verdict.message
+
+
+def test_distribution_test_by_chunks_gives_the_same_verdict_and_bounds_what_it_holds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The exact distributions are asked for by chunks of rows (a 262,144-token vocabulary at 50 samples was killed
+    for memory in one piece), and the verdict is the one the whole batch gives: the same uniform draws, row by row."""
+    from pytest_llmopt import distribution
+
+    probs, samples = _exact_and_samples(100, None, 7)
+    asked: list[int] = []
+
+    def exact(full: torch.Tensor) -> torch.Tensor:
+        asked.append(full.shape[0])
+        return probs.expand(full.shape[0], 3, VOCAB)
+
+    whole = distribution_test(samples, torch.tensor([0]), exact, seed=3)
+    assert asked == [1, 99]
+    asked.clear()
+    monkeypatch.setattr(distribution, "PIT_CHUNK_BYTES", 8 * 3 * VOCAB * 7)  # seven rows a chunk
+    chunked = distribution_test(samples, torch.tensor([0]), exact, seed=3)
+    assert asked == [1] + [7] * 14 + [1] and (chunked.statistic, chunked.pvalue) == (whole.statistic, whole.pvalue)
