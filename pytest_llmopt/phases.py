@@ -1,10 +1,11 @@
 """Where a check's time goes: wall seconds per phase, per check (in its record, ``metrics["phases"]``) and summed
 over the run (the terminal summary), so that what makes a matrix slow is known before anything is changed.
 
-Phases: ``load`` (models and tokenizers), ``reference`` (the higher-precision cache-free forwards), ``compile``
-(torch.compile's own compile time, from dynamo's accounting, taken out of the phase it happened in), ``generate``
-(the paths under test and the plain path: generate(), decode loops, forwards, continuous batching), ``verdict``
-(comparing what they gave), ``speed`` (a speed campaign); ``other`` is the rest of the check's setup and call.
+Phases: ``load`` (models and tokenizers), ``reference`` (the cache-free forwards a verdict is judged against: the
+higher-precision logits, the exact sampling distributions), ``compile`` (torch.compile's own compile time, from
+dynamo's accounting, taken out of the phase it happened in), ``generate`` (the paths under test and the plain path:
+generate(), decode loops, forwards, continuous batching), ``verdict`` (comparing what they gave), ``speed`` (a speed
+campaign); ``other`` is the rest of the check's setup and call.
 Phases nest: the innermost open one gets the time (a reference forward inside a verdict is ``reference``).
 """
 

@@ -225,7 +225,7 @@ class Runner:
         rows = [self.generate(input_ids, mask, new_tokens, do_sample=True, **extra).new_tokens for _ in range(samples)]
         return torch.cat(rows, dim=0)
 
-    @timed("generate")
+    @timed("reference")
     def exact_probs(
         self, full_ids: torch.Tensor, prompt_len: int, chunk: int = 64, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0
     ) -> torch.Tensor:
