@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from .phases import phase
+
 
 def lock_path(device_key: str, kind: str = "lock") -> Path:
     safe = re.sub(r"[^A-Za-z0-9_.-]", "-", device_key)
@@ -47,11 +49,11 @@ class DeviceLock:
         fcntl = _fcntl()
         start = time.perf_counter()
         if fcntl is not None:
-            with open(lock_path(self.device_key, "turnstile"), "a") as turnstile:
+            with phase("wait"), open(lock_path(self.device_key, "turnstile"), "a") as turnstile:
                 fcntl.flock(turnstile, fcntl.LOCK_EX)
                 fcntl.flock(turnstile, fcntl.LOCK_UN)
-            self._shared = open(lock_path(self.device_key), "a")  # noqa: SIM115 - held across the yield
-            fcntl.flock(self._shared, fcntl.LOCK_SH)
+                self._shared = open(lock_path(self.device_key), "a")  # noqa: SIM115 - held across the yield
+                fcntl.flock(self._shared, fcntl.LOCK_SH)
         self.waited_s += time.perf_counter() - start
         self._depth = 1
         try:
@@ -76,9 +78,11 @@ class DeviceLock:
             self._shared = None
         start = time.perf_counter()
         with open(lock_path(self.device_key, "turnstile"), "a") as turnstile, open(lock_path(self.device_key), "a") as main:
-            fcntl.flock(turnstile, fcntl.LOCK_EX)
+            with phase("wait"):
+                fcntl.flock(turnstile, fcntl.LOCK_EX)
             try:
-                fcntl.flock(main, fcntl.LOCK_EX)
+                with phase("wait"):
+                    fcntl.flock(main, fcntl.LOCK_EX)
                 waited = time.perf_counter() - start
                 self.waited_s += waited
                 try:

@@ -5,7 +5,8 @@ Phases: ``load`` (models and tokenizers), ``reference`` (the cache-free forwards
 higher-precision logits, the exact sampling distributions), ``compile`` (torch.compile's own compile time, from
 dynamo's accounting, taken out of the phase it happened in), ``generate`` (the paths under test and the plain path:
 generate(), decode loops, forwards, continuous batching), ``verdict`` (comparing what they gave), ``speed`` (a speed
-campaign); ``other`` is the rest of the check's setup and call.
+campaign), ``wait`` (for the device's timing lock: another worker's speed campaign, or a campaign waiting for the
+other workers' checks to end, gpulock.py); ``other`` is the rest of the check's setup and call.
 Phases nest: the innermost open one gets the time (a reference forward inside a verdict is ``reference``).
 """
 
@@ -18,7 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-PHASES = ("load", "reference", "compile", "generate", "verdict", "speed", "other")
+PHASES = ("load", "reference", "compile", "generate", "verdict", "speed", "wait", "other")
 
 
 @dataclass

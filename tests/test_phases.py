@@ -70,3 +70,29 @@ def test_a_run_records_each_checks_phases_and_sums_them(pytester: pytest.Pyteste
     result.stdout.fnmatch_lines(["*llmopt: where the time went*", "1 check(s), * s: *generate * s (*%)*"])
     spent = json.loads((tmp_path / "r.json").read_text())["results"][0]["metrics"]["phases"]
     assert set(spent) == set(phases.PHASES) and spent["generate"] > 0 and spent["reference"] > 0
+
+
+def test_waiting_for_the_device_lock_is_its_own_phase() -> None:
+    """A check that waits for another worker's speed campaign (here a second lock holder in a thread) says so."""
+    import threading
+
+    from pytest_llmopt.gpulock import DeviceLock
+
+    key = f"phases-test-{time.time_ns()}"
+    held, release = threading.Event(), threading.Event()
+
+    def campaign() -> None:
+        with DeviceLock(key).exclusive():
+            held.set()
+            release.wait(5)
+
+    worker = threading.Thread(target=campaign)
+    worker.start()
+    held.wait(5)
+    phases.start()
+    threading.Timer(0.2, release.set).start()
+    with DeviceLock(key).shared():
+        pass
+    spent = phases.stop()
+    worker.join()
+    assert spent is not None and spent["wait"] == pytest.approx(0.2, abs=0.1)
