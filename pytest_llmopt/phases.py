@@ -1,4 +1,4 @@
-"""Where a check's time goes: wall seconds per phase, per check (in its record, ``metrics["phases"]``) and summed
+"""Where a check's time goes: wall seconds per phase, per check (in its record, ``phases``) and summed
 over the run (the terminal summary), so that what makes a matrix slow is known before anything is changed.
 
 Phases: ``load`` (models and tokenizers), ``reference`` (the cache-free forwards a verdict is judged against: the
@@ -116,7 +116,7 @@ def compile_seconds() -> float:
 
 def summary_lines(results: list[Any], top: int = 5) -> list[str]:
     """The run's time per phase, and the checks that took longest with theirs (from the results' records)."""
-    timed = [(r, r.metrics.get("phases")) for r in results if isinstance(r.metrics.get("phases"), dict)]
+    timed = [(r, r.phases) for r in results if r.phases]
     if not timed:
         return []
     sums = dict.fromkeys(PHASES, 0.0)

@@ -288,9 +288,9 @@ def _record_phases(item: pytest.Item) -> None:
 
     spent = phases.stop()
     if spent is not None:
-        from .report import record
+        from .report import record_phases
 
-        record(item, phases=spent)
+        record_phases(item, spent)
 
 
 def _device_share(item: pytest.Item) -> Any:

@@ -41,6 +41,14 @@ def record(node: pytest.Item, **metrics: Any) -> None:
     node.user_properties.append((PROPERTY, {"metrics": dict(metrics)}))
 
 
+def record_phases(node: pytest.Item, phases: dict[str, float]) -> None:
+    """Where the test's time went (phases.py): kept beside its figures, like its duration, not among them."""
+    for name, value in node.user_properties:
+        if name == PROPERTY and isinstance(value, dict):
+            value["phases"] = dict(phases)
+            return
+
+
 def describe_item(
     node: pytest.Item, model: str, variant: str, extra: str | None, skipped_as: Status | None = None, known_issues: tuple[str, ...] = ()
 ) -> None:
@@ -71,6 +79,7 @@ class Result:
     nodeid: str = ""
     seconds: float = 0.0
     known_issues: list[str] = field(default_factory=list)  # ids of the declared issues that applied
+    phases: dict[str, float] = field(default_factory=dict)  # wall seconds per phase (phases.py), like ``seconds``
 
     def __post_init__(self) -> None:
         self.status = Status(self.status)  # also from the plain strings of a JSON report
@@ -131,6 +140,7 @@ class Collector:
             nodeid=report.nodeid,
             seconds=round(report.duration, 3) if report.when == "call" else 0.0,
             known_issues=list(props.get("known_issues", [])),
+            phases=dict(props.get("phases") or {}) if report.when == "call" else {},
         )
 
     def sorted(self) -> list[Result]:
