@@ -93,10 +93,15 @@ def generation_config(model: Any, eos: int | Sequence[int] | None = None, **extr
     exactly its ``new_tokens``."""
     from transformers import GenerationConfig
 
-    pad = model.config.pad_token_id if getattr(model.config, "pad_token_id", None) is not None else 0
-    settings: dict[str, Any] = {"do_sample": False, "eos_token_id": -1 if eos is None else eos, "pad_token_id": pad}
+    settings: dict[str, Any] = {"do_sample": False, "eos_token_id": -1 if eos is None else eos, "pad_token_id": pad_id(model)}
     settings.update(extra)
     return GenerationConfig(**settings)
+
+
+def pad_id(model: Any) -> int:
+    """The model's pad token, or 0 where its config names none (random-weight models)."""
+    pad = getattr(model.config, "pad_token_id", None)
+    return int(pad) if pad is not None else 0
 
 
 def _eos_list(eos: int | Sequence[int] | None) -> int | list[int]:

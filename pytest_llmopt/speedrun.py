@@ -103,24 +103,23 @@ def run(plugin: Any, group: Any, case: Any) -> Outcome:
     built: dict[str, Built] = {}
     raised: dict[str, Raised] = {}
     reference_key = f"reference[{reference.id}]" if requests is None else f"reference[{reference.id}/{throughput.REFERENCE}]"
+    def make(key: str, runner: Any, param: Any, extra: dict[str, Any]) -> Built:
+        """A path of the prompt campaign (generate() on the prompt), or of the request mix (the reference: one by one)."""
+        if requests is None:
+            return build(key, runner, param, ids, extra, setup.new_tokens)
+        return Built(throughput.path(extra.get("requests", throughput.REFERENCE), key, runner, requests), runner, param)
+
     own = [key for key, p in group.planned.items() if p.param.variant == p.param.reference and not p.extra]
     for key, planned in group.planned.items():
         if key in own:
             continue
         try:
-            runner = case.runner(planned.param.variant)
-            if requests is not None:
-                built[key] = Built(throughput.path(planned.extra["requests"], key, runner, requests), runner, planned.param)
-            else:
-                built[key] = build(key, runner, planned.param, ids, planned.extra, setup.new_tokens)
+            built[key] = make(key, case.runner(planned.param.variant), planned.param, planned.extra)
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as exc:
             raised[key] = Raised.of(exc)
-    if requests is not None:
-        built[reference_key] = Built(throughput.path(throughput.REFERENCE, reference_key, reference_runner, requests), reference_runner, case.param)
-    else:
-        built[reference_key] = build(reference_key, reference_runner, case.param, ids, {}, setup.new_tokens)
+    built[reference_key] = make(reference_key, reference_runner, case.param, {})
     for runner in {id(b.runner.model): b.runner for b in built.values()}.values():
         # transformers sizes a new static cache to the longest one this model has seen (_previous_max_cache_length) and
         # older releases keep it on the model (_cache): forget both once, before the warm-ups (never between rounds)
