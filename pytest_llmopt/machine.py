@@ -105,3 +105,23 @@ def probe(device_setting: str, dtype_setting: str) -> Machine:
     flash2 = device.startswith("cuda") and importlib.util.find_spec("flash_attn") is not None
     flash3 = device.startswith("cuda") and importlib.util.find_spec("flash_attn_interface") is not None
     return Machine(device, dtype, gpu_name, capability, versions, has_compiler, flash2, flash3)
+
+
+def cuda_context_error() -> str | None:
+    """The error this process's CUDA context is stuck on, or None while it is usable (or CUDA never started).
+
+    A device-side assert (an index out of range inside a kernel) poisons the context for good: every CUDA call
+    after it fails, so every check after it would fail for a cause that is not its own."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    try:
+        torch.cuda.synchronize()
+    except Exception as exc:  # torch.AcceleratorError (torch 2.10+), RuntimeError before: "CUDA error: ..."
+        from .outcomes import summary_line
+
+        return summary_line(exc)
+    return None
+

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 SETTINGS_KEY = pytest.StashKey[Settings]()
 SESSION_KEY = pytest.StashKey["LlmoptSession"]()
 EXPECT_KEY: pytest.StashKey[Expectation] = pytest.StashKey()
+# The check during which this process's CUDA context was lost, and the error it is stuck on (machine.cuda_context_error)
+LOST_KEY = pytest.StashKey[tuple[str, str]]()
 
 MARKERS = {
     "llmopt": "llmopt(cache=..., compile=..., attention=..., quant=..., reference={axis: value}): "
@@ -29,6 +31,8 @@ MARKERS = {
     "llmopt_bitsandbytes": "llmopt_bitsandbytes: the variant needs bitsandbytes (pip install 'pytest-llmopt[cuda]')",
     "llmopt_flash_attn": "llmopt_flash_attn: the variant needs flash-attn (pip install 'pytest-llmopt[flash]')",
     "llmopt_compile": "llmopt_compile: the variant runs torch.compile (slow first call; drop with -m 'not llmopt_compile')",
+    "llmopt_whole_device": "llmopt_whole_device: the test sizes what it allocates to the device's free memory, so it runs alone "
+    "on the device (no other pytest-xdist worker's llmopt test at the same time)",
     "llmopt_speed": "llmopt_speed(**generate_kwargs): a speed check's generate() arguments (e.g. prompt_lookup_num_tokens=10), "
     "known at collection so that its model's campaign times it with the others",
 }
@@ -232,6 +236,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         report.longrepr = f"{outcomes.summary_line(excinfo.value)}\n  (the full traceback: run again with -vv)"
     if report.skipped and EXPECT_KEY in item.config.stash:
         _lost_support(item, report)
+    lost = item.config.stash.get(LOST_KEY, None)
+    if lost is not None and lost[0] == item.nodeid and call.when == "call":
+        note = f"the CUDA context of this process was lost during this check ({lost[1]}): the checks after it in this process are not run"
+        report.outcome = "failed"
+        report.longrepr = f"{report.longrepr}\n{note}" if report.longrepr else note
     return report
 
 
@@ -281,6 +290,14 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, Any, Any]:
         raise pytest.fail.Exception(f"out of GPU memory: {str(exc).splitlines()[0]}", pytrace=False) from None
     finally:
         _record_phases(item)
+        _note_lost_device(item)
+
+
+def _note_lost_device(item: pytest.Item) -> None:
+    from . import machine
+
+    if LOST_KEY not in item.config.stash and (error := machine.cuda_context_error()) is not None:
+        item.config.stash[LOST_KEY] = (item.nodeid, error)
 
 
 def _record_phases(item: pytest.Item) -> None:
@@ -326,4 +343,10 @@ def llmopt_case(request: pytest.FixtureRequest, llmopt_session: LlmoptSession) -
     """
     from .cases import Case
 
+    lost = request.config.stash.get(LOST_KEY, None)
+    if lost is not None:  # each check after it would fail for that check's cause, not its own
+        outcomes.not_run(
+            f"the CUDA context of this process was lost in {lost[0]} ({lost[1]}), and every CUDA call after a "
+            f"device-side assert fails: run this check again on its own (pytest '{request.node.nodeid}')"
+        )
     return Case(request.param, llmopt_session, request.node)

@@ -194,6 +194,97 @@ def test_out_of_memory_fails_one_test_with_one_line(suite: pytest.Pytester) -> N
     assert "Traceback" not in result.stdout.str()
 
 
+def test_lost_cuda_context_stops_the_checks_after_it_with_one_reason(suite: pytest.Pytester) -> None:
+    """A device-side assert poisons the process's CUDA context: the check it happened in fails and says so, the
+    llmopt checks after it in that process are not run (each would fail for its cause, not theirs), the others run.
+    The lost context is simulated: machine.cuda_context_error is what the plugin asks after each test."""
+    suite.makeconftest(
+        """
+        import pytest_llmopt.machine as machine
+
+        LOST = []
+        ORIGINAL = machine.cuda_context_error
+        machine.cuda_context_error = lambda: LOST[0] if LOST else None
+
+        def pytest_unconfigure(config):
+            machine.cuda_context_error = ORIGINAL  # pytester runs in this process: the outer session asks it too
+        """
+    )
+    suite.makepyfile(
+        test_lost="""
+        import pytest
+        import conftest
+
+        @pytest.mark.llmopt(cache=["dynamic"])
+        def test_a_breaks(llmopt_case):
+            conftest.LOST.append("AcceleratorError: CUDA error: device-side assert triggered")
+
+        @pytest.mark.llmopt(cache=["dynamic", "static"])
+        def test_b_after(llmopt_case):
+            pass
+
+        def test_c_plain():
+            pass
+        """
+    )
+    result = suite.runpytest("test_lost.py", "-p", "no:randomly", "-rfs", "--llmopt-report=lost.json")
+    result.assert_outcomes(passed=1, failed=1, skipped=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*the CUDA context of this process was lost during this check (AcceleratorError: CUDA error: device-side assert triggered)*",
+            "*the CUDA context of this process was lost in test_lost.py::test_a_breaks*run this check again on its own*",
+        ]
+    )
+    statuses = {(r.check, r.variant): r.status for r in load(suite.path / "lost.json")[0]}
+    assert sorted(statuses.values()) == sorted([Status.FAILED, Status.NOT_RUN, Status.NOT_RUN])
+    assert {check for (check, _), status in statuses.items() if status == Status.NOT_RUN} == {"test_b_after"}
+
+
+def test_a_test_marked_whole_device_holds_the_device_alone(suite: pytest.Pytester) -> None:
+    """Every llmopt test shares the device's lock; one that sizes its allocation to the free memory (continuous
+    batching's default cache) holds it exclusive, so no other worker's test runs beside it."""
+    suite.makeconftest(
+        """
+        import contextlib
+        from pytest_llmopt.gpulock import DeviceLock
+
+        TAKEN = []
+        ORIGINAL = DeviceLock.shared, DeviceLock.exclusive
+
+        @contextlib.contextmanager
+        def shared(self):
+            TAKEN.append("shared")
+            yield
+
+        @contextlib.contextmanager
+        def exclusive(self):
+            TAKEN.append("exclusive")
+            yield 0.0
+
+        DeviceLock.shared, DeviceLock.exclusive = shared, exclusive
+
+        def pytest_unconfigure(config):
+            DeviceLock.shared, DeviceLock.exclusive = ORIGINAL
+        """
+    )
+    suite.makepyfile(
+        test_locks="""
+        import pytest
+        import conftest
+
+        @pytest.mark.llmopt(cache=["dynamic"])
+        def test_ordinary(llmopt_case):
+            assert conftest.TAKEN == ["shared"]
+
+        @pytest.mark.llmopt_whole_device
+        @pytest.mark.llmopt(cache=["dynamic"])
+        def test_whole_device(llmopt_case):
+            assert conftest.TAKEN == ["shared", "exclusive"]
+        """
+    )
+    suite.runpytest("test_locks.py", "-p", "no:randomly").assert_outcomes(passed=2)
+
+
 def test_real_model_loads_through_the_local_folder_path(suite: pytest.Pytester) -> None:
     path = shared_model("tinystories-656k")
     result = suite.runpytest(f"--llmopt-model={path}", "-k", "test_cache")
