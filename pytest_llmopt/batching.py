@@ -76,16 +76,54 @@ def unsupported_reason() -> str | None:
     return None
 
 
-def config(page_size: int | None, num_blocks: int | None = None, max_batch_tokens: int | None = None, **extra: Any) -> Any:
+def config(
+    page_size: int | None, num_blocks: int | None = None, max_batch_tokens: int | None = None, keep_attention: bool = False, **extra: Any
+) -> Any:
     """A ContinuousBatchingConfig of this release: ``page_size`` is ``block_size`` before 5.24 (None: the release's
     default); keys a release does not know are left out (CUDA-graph and compile settings default there); None values
-    are left to the release's defaults and inference."""
+    are left to the release's defaults and inference. ``keep_attention``: the manager runs the model's own attention
+    instead of switching a half-precision model to FlashAttention (``auto_switch_to_flash=False`` where the release
+    has it; before, ``kept_attention`` pins it)."""
     from transformers import ContinuousBatchingConfig
 
     known = {f.name for f in dataclasses.fields(ContinuousBatchingConfig)} if dataclasses.is_dataclass(ContinuousBatchingConfig) else set()
     size_key = "page_size" if "page_size" in known or not known else "block_size"
     wanted = {size_key: page_size, "num_blocks": num_blocks, "max_batch_tokens": max_batch_tokens, "return_logprobs": True, **extra}
-    return ContinuousBatchingConfig(**{k: v for k, v in wanted.items() if v is not None and (not known or k in known)})
+    if keep_attention and SWITCH in known:
+        wanted[SWITCH] = False
+    made = ContinuousBatchingConfig(**{k: v for k, v in wanted.items() if v is not None and (not known or k in known)})
+    if keep_attention and SWITCH not in known:
+        setattr(made, KEEP, True)
+    return made
+
+
+SWITCH = "auto_switch_to_flash"  # 5.2x: whether the manager moves a half-precision model to FlashAttention
+KEEP = "llmopt_keep_attention"  # on a config of a release without SWITCH: kept_attention pins the attention
+FLASH_PAGE = 256  # flash_attn_with_kvcache takes a page table only with pages of a multiple of this many tokens
+
+
+@contextmanager
+def kept_attention(model: Any, cb_config: Any) -> Iterator[None]:
+    """Where ``cb_config`` asks to keep the model's attention and the release has no ``auto_switch_to_flash`` (5.17:
+    every model not yet paged is switched to FlashAttention when it is installed), the model runs as
+    ``paged|<its attention>``, which the release leaves alone; its attention is restored afterwards."""
+    original = str(model.config._attn_implementation)
+    if not getattr(cb_config, KEEP, False) or original.startswith("paged|") or "flash" in original:
+        yield
+        return
+    model.set_attn_implementation(f"paged|{original}")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(original)
+
+
+def page_size(model: Any, wanted: int) -> int:
+    """``wanted`` tokens a page, or the next multiple of 256 where the model runs FlashAttention on CUDA: its paged
+    kernel refuses other pages ("Paged KV cache block size must be divisible by 256", flash-attn 2.8)."""
+    if "flash" in str(model.config._attn_implementation) and model.device.type == "cuda":
+        return -(-wanted // FLASH_PAGE) * FLASH_PAGE
+    return wanted
 
 
 def generation_config(model: Any, eos: int | Sequence[int] | None = None, **extra: Any) -> Any:
@@ -108,13 +146,30 @@ def _eos_list(eos: int | Sequence[int] | None) -> int | list[int]:
     return -1 if eos is None else eos if isinstance(eos, int) else list(eos)
 
 
+# transformers' words where continuous batching refuses a model's attention (5.2x; 5.17)
+REFUSALS = ("not supported for continuous batching", "is not supported. The only possible arguments are")
+
+
+def refused(exc: BaseException) -> bool:
+    """Whether ``exc`` is continuous batching refusing the model's attention: unsupported, not a failure."""
+    return isinstance(exc, ValueError) and any(words in str(exc) for words in REFUSALS)
+
+
 @contextmanager
 def manager(model: Any, gen_config: Any, cb_config: Any, persistent: bool = False) -> Iterator[Any]:
-    """A started manager; stopped (and, unless ``persistent``, destroyed) afterwards, whatever happened."""
-    with model.continuous_batching_context_manager(
-        generation_config=gen_config, continuous_batching_config=cb_config, block=True, timeout=30, persistent_manager=persistent
-    ) as running:
-        yield running
+    """A started manager; stopped (and, unless ``persistent``, destroyed) afterwards, whatever happened. A manager
+    that failed gives the model its attention back (5.17 left it switched to a paged one, which breaks every later
+    generate() of the session's shared model); one that ran leaves it for the caller's state check."""
+    original = str(model.config._attn_implementation)
+    try:
+        with kept_attention(model, cb_config), model.continuous_batching_context_manager(
+            generation_config=gen_config, continuous_batching_config=cb_config, block=True, timeout=30, persistent_manager=persistent
+        ) as running:
+            yield running
+    except BaseException:
+        if str(model.config._attn_implementation) != original:
+            model.set_attn_implementation(original)
+        raise
 
 
 def serve(

@@ -221,10 +221,13 @@ class PerfPlugin:
         return SpeedCheck(self, request)
 
     def shared(self, item: pytest.Item) -> Any:
-        """The device lock, shared, around every llmopt test (a campaign takes it exclusive)."""
+        """The device lock, shared, around every llmopt test (a campaign takes it exclusive, and so does a test marked
+        llmopt_whole_device: one that sizes what it allocates to the device's free memory)."""
         names = getattr(item, "fixturenames", ())
         if "llmopt_case" not in names or "llmopt_speed" in names:
             return contextlib.nullcontext()
+        if item.get_closest_marker("llmopt_whole_device") is not None:
+            return self.lock.exclusive()
         return self.lock.shared()
 
 

@@ -7,8 +7,10 @@ answers with tokens and their log-probabilities, not logits, so each answer is j
 higher-precision, cache-free reference (choices.py): every token the reference's best within the noise floor
 of the plain path, every log-probability within the floor, the length the request allows.
 
-Attention: each implementation continuous batching accepts is pinned (``auto_switch_to_flash=False``); the
-default, which switches a half-precision model to FlashAttention where it is installed, has its own check.
+Attention: each implementation continuous batching accepts is kept (``auto_switch_to_flash=False``, or pinned
+where a release lacks it); the default, which switches a half-precision model to FlashAttention where it is
+installed, has its own check. FlashAttention's paged kernel takes pages of a multiple of 256 tokens only: there the
+pages are that long, so a prompt spans one.
 """
 
 from __future__ import annotations
@@ -41,11 +43,13 @@ NO_INTERFACE = ["batching-runs-models-without-attention-interface"]
 KNOWN = ["paged-eager-ignores-attention-softcap", *NO_INTERFACE]
 
 
-def pinned(**extra: Any) -> Any:
-    """A paged cache of this suite's size, with the model's own attention kept (not switched to flash)."""
-    settings = {"page_size": PAGE, "num_blocks": BLOCKS, "max_batch_tokens": STEP_TOKENS, "auto_switch_to_flash": False}
-    settings.update(extra)
-    return batching.config(**settings)
+def pinned(model: Any, page: int = PAGE, blocks: int | None = None, **extra: Any) -> Any:
+    """A paged cache of this suite's size, with the model's own attention kept (not switched to flash): pages of
+    ``page`` tokens (or the multiple of 256 FlashAttention's kernel takes), ``blocks`` of them (default: the room
+    of BLOCKS pages of PAGE tokens, and at least BLOCKS // 2 pages)."""
+    size = batching.page_size(model, page)
+    settings = {"max_batch_tokens": STEP_TOKENS, **extra}
+    return batching.config(size, num_blocks=blocks or max(BLOCKS * PAGE // size, BLOCKS // 2), keep_attention=True, **settings)
 
 
 def requests(case, runner) -> list[batching.Request]:
@@ -74,7 +78,7 @@ def served(case, runner, reqs, cb_config, later=(), eos=None) -> batching.Served
         try:
             return batching.run(model, reqs, cb_config, later=later, eos=eos)
         except ValueError as exc:
-            if "not supported for continuous batching" in str(exc):
+            if batching.refused(exc):
                 unsupported(f"unsupported by transformers: {exc}")
             raise
 
@@ -143,7 +147,7 @@ def test_requests_match_greedy_alone(llmopt_case):
     case = llmopt_case
     reqs = requests(case, case.target)
     with case.explain("continuous batching"):
-        run = served(case, case.target, reqs, pinned())
+        run = served(case, case.target, reqs, pinned(case.target.model))
     Judge(case).check(reqs, run, "a mix of requests")
 
 
@@ -155,7 +159,7 @@ def test_requests_added_while_others_run(llmopt_case):
     reqs = requests(case, case.target)
     first, later = reqs[: len(reqs) // 2], reqs[len(reqs) // 2 :]
     with case.explain("continuous batching, requests added while running"):
-        run = served(case, case.target, first, pinned(), later=later)
+        run = served(case, case.target, first, pinned(case.target.model), later=later)
     Judge(case).check(reqs, run, "requests added while others run")
 
 
@@ -166,12 +170,14 @@ def test_scheduling_cannot_change_an_answer(llmopt_case):
     case = llmopt_case
     reqs = requests(case, case.target)
     judge = Judge(case)
+    model = case.target.model
     longest = max(len(r.prompt) + r.new_tokens for r in reqs)
-    scarce = -(-longest // 8) + 1  # blocks of 8 tokens: room for the longest request and a little more
+    small = batching.page_size(model, PAGE // 2)
+    scarce = -(-longest // small) + 1  # room for the longest request and a little more
     runs = {
-        "reverse arrival order": (list(reversed(reqs)), pinned()),
-        "pages of 8 tokens": (reqs, pinned(page_size=8, num_blocks=BLOCKS * 2)),
-        f"a cache of {scarce} blocks of 8 tokens, too small for all at once": (reqs, pinned(page_size=8, num_blocks=scarce)),
+        "reverse arrival order": (list(reversed(reqs)), pinned(model)),
+        f"pages of {small} tokens": (reqs, pinned(model, page=small, blocks=BLOCKS * 2)),
+        f"a cache of {scarce} blocks of {small} tokens, too small for all at once": (reqs, pinned(model, page=small, blocks=scarce)),
     }
     answers = {}
     for what, (order, cb_config) in runs.items():
@@ -199,7 +205,7 @@ def test_each_request_stops_at_its_eos(llmopt_case):
         return tokens.index(eos) + 1 if eos in tokens else request.new_tokens
 
     with case.explain("continuous batching with an EOS"):
-        run = served(case, case.target, reqs, pinned(), eos=eos)
+        run = served(case, case.target, reqs, pinned(case.target.model), eos=eos)
     judge.check(reqs, run, f"EOS {eos}", expected=expected)
     stopped = sum(eos in a.tokens for a in run.answers.values())
     case.record(eos=eos, stopped_at_eos=stopped)
@@ -214,7 +220,8 @@ def test_paged_cache_holds_what_it_says_and_is_freed(llmopt_case):
     case = llmopt_case
     reqs = requests(case, case.target)[:2]
     require_batching()
-    with case.target.active() as model, batching.manager(model, batching.generation_config(model), pinned()) as running:
+    asked = pinned(case.target.model)
+    with case.target.active() as model, batching.manager(model, batching.generation_config(model), asked) as running:
         batching.serve(running, reqs)
         size = batching.cache_size(running, model)
         cache = weakref.ref(running.batch_processor.cache)
@@ -225,8 +232,8 @@ def test_paged_cache_holds_what_it_says_and_is_freed(llmopt_case):
     block = size.kv_bytes // size.blocks
     case.record(blocks=size.blocks, page_size=size.page_size, kv_bytes=size.kv_bytes, allocated_bytes=size.allocated)
     problems = []
-    if size.blocks < BLOCKS:
-        problems.append(f"asked for {BLOCKS} blocks, the cache holds {size.blocks}")
+    if size.blocks < asked.num_blocks:
+        problems.append(f"asked for {asked.num_blocks} blocks, the cache holds {size.blocks}")
     if not 0 <= reserved <= 4 * block:
         problems.append(
             f"the paged cache allocated {size.allocated} bytes for {size.blocks} blocks of {size.page_size} tokens, which hold "
@@ -252,10 +259,10 @@ def test_persistent_manager_answers_the_second_batch(llmopt_case):
     require_batching()
     with case.target.active() as model:
         gen = batching.generation_config(model)
-        cb_config = pinned()
+        cb_config = pinned(model)
         new = max(r.new_tokens for r in reqs)
         try:
-            with case.explain("generate_batch, persistent"):
+            with case.explain("generate_batch, persistent"), batching.kept_attention(model, cb_config):
                 outs = [
                     model.generate_batch([list(r.prompt) for r in batch], generation_config=gen, continuous_batching_config=cb_config,
                                          persistent_manager=True, max_new_tokens=new)
@@ -270,6 +277,7 @@ def test_persistent_manager_answers_the_second_batch(llmopt_case):
         judge.check(named, batching.Served(answers, "", None), f"batch {number + 1} of 2 through one persistent manager")
 
 
+@pytest.mark.llmopt_whole_device  # its cache takes the free memory: another worker's test would run out of it
 @pytest.mark.llmopt(reference={}, known_issues=KNOWN)
 def test_default_configuration(llmopt_case):
     """What a user gets from ``generate_batch(inputs, generation_config)``: the cache sized from free GPU memory, CUDA
@@ -302,7 +310,10 @@ class BatchedSampler:
         """The new tokens of each sample [samples, new_tokens], as Runner.sample gives them."""
         prompt = tuple(input_ids[0].tolist())
         reqs = [batching.Request(f"sample {i}", prompt, new_tokens) for i in range(samples)]
-        cb_config = pinned(max_batch_tokens=max(STEP_TOKENS, samples * 2), num_blocks=samples * (-(-(len(prompt) + new_tokens) // PAGE) + 1), seed=seed)
+        model = self.runner.model
+        page = batching.page_size(model, PAGE)
+        blocks = samples * (-(-(len(prompt) + new_tokens) // page) + 1)
+        cb_config = pinned(model, page=page, blocks=blocks, max_batch_tokens=max(STEP_TOKENS, samples * 2), seed=seed)
         with self.runner.active() as model:
             run = batching.run(model, reqs, cb_config, do_sample=True, top_k=top_k, suppress_tokens=self.runner.eos_ids, **settings)
         rows = []
