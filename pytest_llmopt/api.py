@@ -24,10 +24,9 @@ import contextlib
 from collections.abc import Callable
 from typing import Any
 
-from . import assistants, batching, beams, footprint, hybrid, memory, qlayers, quantize, stopping, zoo
-from .cases import Case
-from .choices import Floor, floor_of, judge_answer, summary
-from .compat import (
+from .common.outcomes import inconclusive, known_issue, not_exercised, not_run, unsupported
+from .running import assistants, batching, footprint, hybrid, memory, qlayers, quantize, zoo
+from .running.compat import (
     cache_tensors,
     compile_config,
     early_exit_unsupported,
@@ -36,15 +35,17 @@ from .compat import (
     make_dynamic_cache,
     make_static_cache,
 )
-from .equivalence import FLOOR_FACTOR, Generation, ratios_text
-from .instrumentation import compiled_forward, count_compiled_calls, dynamo_backend, track_drafts
-from .measure import cache_layout, static_cache_bytes, watch_compiles
-from .models import ModelSpec
-from .outcomes import inconclusive, known_issue, not_exercised, not_run, unsupported
-from .prompts import LOOKUP, copy_point, grounded, long_prompt
-from .runner import Runner
-from .scores import compare_scores
-from .variants import ATTENTIONS
+from .running.instrumentation import compiled_forward, count_compiled_calls, dynamo_backend, track_drafts
+from .running.measure import cache_layout, static_cache_bytes, watch_compiles
+from .running.models import ModelSpec
+from .running.prompts import LOOKUP, copy_point, grounded, long_prompt
+from .running.runner import Runner
+from .running.variants import ATTENTIONS
+from .verdicts import beams, stopping
+from .verdicts.choices import Floor, floor_of, judge_answer, summary
+from .verdicts.equivalence import FLOOR_FACTOR, Generation, ratios_text
+from .verdicts.scores import compare_scores
+from .wiring.cases import Case
 
 __all__ = [  # noqa: RUF022 (grouped by what a suite uses them for)
     # outcomes beyond pass and fail

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeGuard
 
-from . import metrics as mx
-from . import stats
-from .outcomes import GOOD, Status
-from .render import write
-from .report import ReportError, Result, load
+from .common import metrics as mx
+from .common import stats
+from .common.outcomes import GOOD, Status
+from .wiring.render import write
+from .wiring.report import ReportError, Result, load
 
 
 @dataclass

@@ -9,14 +9,14 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from . import outcomes
-from . import settings as settings_module
-from .settings import Settings
+from .common import outcomes
+from .wiring import settings as settings_module
+from .wiring.settings import Settings
 
 if TYPE_CHECKING:
-    from .cases import Case
-    from .expect import Expectation
-    from .session import LlmoptSession
+    from .wiring.cases import Case
+    from .wiring.expect import Expectation
+    from .wiring.session import LlmoptSession
 
 SETTINGS_KEY = pytest.StashKey[Settings]()
 SESSION_KEY = pytest.StashKey["LlmoptSession"]()
@@ -55,15 +55,15 @@ def pytest_configure(config: pytest.Config) -> None:
     settings = settings_module.from_config(config)
     config.stash[SETTINGS_KEY] = settings
     if settings.expect is not None:
-        from .expect import Expectation
-        from .report import ReportError
+        from .wiring.expect import Expectation
+        from .wiring.report import ReportError
 
         try:
             config.stash[EXPECT_KEY] = Expectation.read(settings.expect)
         except ReportError as exc:
             raise pytest.UsageError(f"pytest-llmopt: --llmopt-expect: {exc}") from None
     # Speed checks and stored baselines (perf imports no torch until a speed check runs).
-    from .perf import PerfPlugin
+    from .wiring.perf import PerfPlugin
 
     config.pluginmanager.register(PerfPlugin(config, settings, lambda: session_of(config)), "llmopt-perf")
     if not hasattr(config, "workerinput"):  # xdist workers hand their reports to the controller
@@ -80,7 +80,7 @@ def asked_for(settings: Settings) -> bool:
 def session_of(config: pytest.Config) -> LlmoptSession:
     """The llmopt session of this pytest session, built on first call."""
     if SESSION_KEY not in config.stash:
-        from .session import build
+        from .wiring.session import build
 
         _quiet_torch_trace()
         session = build(config.stash[SETTINGS_KEY])
@@ -108,7 +108,7 @@ def _share_cpu_between_workers() -> None:
 
 
 def _header(session: LlmoptSession) -> list[str]:
-    from .models import origin
+    from .running.models import origin
 
     machine = session.machine
     v = machine.versions
@@ -148,7 +148,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     marker = metafunc.definition.get_closest_marker("llmopt")
     if marker is None:
         raise pytest.UsageError(f"{metafunc.definition.nodeid}: a test using llmopt_case needs @pytest.mark.llmopt(...)")
-    from .cases import params_for
+    from .wiring.cases import params_for
 
     metafunc.parametrize("llmopt_case", params_for(session_of(metafunc.config), marker), indirect=True)
 
@@ -156,7 +156,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if SESSION_KEY not in config.stash:  # no llmopt test was collected
         return
-    from .cases import deselect, label_items
+    from .wiring.cases import deselect, label_items
 
     label_items(items)
     selection = session_of(config).settings.variants
@@ -173,7 +173,7 @@ class ResultsPlugin:
     process), prints the matrix at the end and writes --llmopt-report."""
 
     def __init__(self, config: pytest.Config) -> None:
-        from .report import Collector
+        from .wiring.report import Collector
 
         self.config = config
         self.collector = Collector()
@@ -184,7 +184,7 @@ class ResultsPlugin:
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if not self.collector.results:
             return
-        from .render import WORD, matrix
+        from .wiring.render import WORD, matrix
 
         models, suites, cells = matrix(self.collector.sorted())
         terminalreporter.section("llmopt: model x optimization")
@@ -197,7 +197,7 @@ class ResultsPlugin:
         path = self.config.stash[SETTINGS_KEY].report
         if path:
             terminalreporter.write_line(f"report written to {path}")
-        from .phases import summary_lines
+        from .common.phases import summary_lines
 
         lines = summary_lines(self.collector.sorted())
         if lines:
@@ -210,8 +210,8 @@ class ResultsPlugin:
         path = self.config.stash[SETTINGS_KEY].report
         if path is None:
             return
-        from .render import write
-        from .report import environment
+        from .wiring.render import write
+        from .wiring.report import environment
 
         write(path, self.collector.sorted(), [environment(session_of(self.config))])
 
@@ -246,8 +246,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 def _lost_support(item: pytest.Item, report: pytest.TestReport) -> None:
     """A refusal of a combination that ran in the --llmopt-expect report fails the test (expect.py)."""
-    from .outcomes import Status, status_from
-    from .report import PROPERTY, Result, status_of
+    from .common.outcomes import Status, status_from
+    from .wiring.report import PROPERTY, Result, status_of
 
     props = next((v for n, v in report.user_properties if n == PROPERTY and isinstance(v, dict) and "suite" in v), None)
     if props is None:
@@ -267,7 +267,7 @@ def _lost_support(item: pytest.Item, report: pytest.TestReport) -> None:
 def pytest_runtest_setup(item: pytest.Item) -> Generator[None, Any, Any]:
     """Every llmopt test's phases are timed from its setup on (phases.py)."""
     if "llmopt_case" in getattr(item, "fixturenames", ()):
-        from . import phases
+        from .common import phases
 
         phases.start()
     return (yield)
@@ -284,7 +284,7 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, Any, Any]:
     except Exception as exc:
         if type(exc).__name__ != "OutOfMemoryError":
             raise
-        from .models import release_memory
+        from .running.models import release_memory
 
         release_memory()
         raise pytest.fail.Exception(f"out of GPU memory: {str(exc).splitlines()[0]}", pytrace=False) from None
@@ -294,18 +294,18 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, Any, Any]:
 
 
 def _note_lost_device(item: pytest.Item) -> None:
-    from . import machine
+    from .running import machine
 
     if LOST_KEY not in item.config.stash and (error := machine.cuda_context_error()) is not None:
         item.config.stash[LOST_KEY] = (item.nodeid, error)
 
 
 def _record_phases(item: pytest.Item) -> None:
-    from . import phases
+    from .common import phases
 
     spent = phases.stop()
     if spent is not None:
-        from .report import record_phases
+        from .wiring.report import record_phases
 
         record_phases(item, spent)
 
@@ -322,7 +322,7 @@ def _track_peak(item: pytest.Item) -> Any:
 
     if "llmopt_case" not in getattr(item, "fixturenames", ()):
         return contextlib.nullcontext()
-    from .memory import track_peak
+    from .wiring.report import track_peak
 
     return track_peak(item)
 
@@ -341,7 +341,7 @@ def llmopt_case(request: pytest.FixtureRequest, llmopt_session: LlmoptSession) -
     greedy_each_prompt``, then ``@pytest.mark.llmopt(cache=["static"], reference={"cache": "dynamic"})`` on
     ``def test_static(llmopt_case): greedy_each_prompt(llmopt_case)`` (each prompt through both paths, one verdict).
     """
-    from .cases import Case
+    from .wiring.cases import Case
 
     lost = request.config.stash.get(LOST_KEY, None)
     if lost is not None:  # each check after it would fail for that check's cause, not its own

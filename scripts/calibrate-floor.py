@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from pytest_llmopt import compat, models, zoo
-from pytest_llmopt.equivalence import error_stats
-from pytest_llmopt.prompts import BUILTIN, long_prompt
+from pytest_llmopt.running import compat, models, zoo
+from pytest_llmopt.verdicts.equivalence import error_stats
+from pytest_llmopt.running.prompts import BUILTIN, long_prompt
 
 
 def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:

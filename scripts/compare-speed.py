@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pytest_llmopt.stats import DEFAULT_SIGMA_BETWEEN
+from pytest_llmopt.common.stats import DEFAULT_SIGMA_BETWEEN
 
 GPU_TOLERANCE = 0.05
 TIMED = ("gpu_ms_per_token", "decode_speedup", "speedup")

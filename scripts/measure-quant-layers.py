@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Figures of the quantization layer rule (pytest_llmopt/qlayers.py), for setting its bounds.
+"""Figures of the quantization layer rule (pytest_llmopt/running/qlayers.py), for setting its bounds.
 
     measure-quant-layers.py --model tiny-llama --model ../shared/models/stories-260k [--schemes int8,nf4] [--device cpu]
     measure-quant-layers.py --report report.json     # what the quantization suite recorded (one GPU run, no second load)
@@ -28,7 +28,7 @@ def _load(name: str, device: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pytest_llmopt import compat, zoo
+    from pytest_llmopt.running import compat, zoo
 
     if zoo.is_builtin(name):
         plain = zoo.build_builtin(name, 0, torch.bfloat16, device, compat.from_config, "eager")  # attention does not enter a linear layer
@@ -42,7 +42,7 @@ def measure(models: list[str], schemes: list[str], device: str) -> list[dict]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pytest_llmopt import qlayers, quantize
+    from pytest_llmopt.running import qlayers, quantize
 
     rows = []
     for name in models:

@@ -86,7 +86,7 @@ def from_report(path: Path) -> None:
 def _load(name: str, scheme: str, device: str, seed: int) -> Any:
     import torch
 
-    from pytest_llmopt import compat, models, quantize, zoo
+    from pytest_llmopt.running import compat, models, quantize, zoo
 
     spec = models.resolve(name)
     if spec.kind == "builtin" and scheme == "none":
@@ -116,7 +116,7 @@ def measure(
 ) -> None:
     import torch
 
-    from pytest_llmopt import footprint, prompts, quantize
+    from pytest_llmopt.running import footprint, prompts, quantize
 
     texts = [p.text for p in prompts.load(None)]
     for name in names:

@@ -53,7 +53,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _applies(where: str) -> bool:
-    from pytest_llmopt.campaign import CURRENT
+    from pytest_llmopt.running.campaign import CURRENT
 
     return not where or where in (CURRENT.get() or "")
 
@@ -78,7 +78,7 @@ def _spin_after_each_step(us: float, per_path: dict[str, float] | None, where: s
     import torch
     from transformers import LogitsProcessorList
 
-    from pytest_llmopt.campaign import CURRENT
+    from pytest_llmopt.running.campaign import CURRENT
 
     cycles_per_us = _calibrate()
     original = LogitsProcessorList.__call__

@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pytest_llmopt.report import Result, load  # noqa: E402
+from pytest_llmopt.wiring.report import Result, load  # noqa: E402
 
 WRITE_UP = ROOT / "baselines" / "cpu-x86_64" / "transformers-releases.md"
 CONSTRAINTS = ROOT / "constraints.txt"
@@ -112,7 +112,7 @@ def run_suites(release: str, python: Path, models: list[str], workers: int, extr
 def issue_ids(result: Result) -> list[str]:
     """The known issues declared for a check that applied (the report names them; a report written before it did is
     read by the registry's reasons, which its reason joins)."""
-    from pytest_llmopt.known_issues import KNOWN_ISSUES
+    from pytest_llmopt.running.known_issues import KNOWN_ISSUES
 
     return result.known_issues or [issue.id for issue in KNOWN_ISSUES if result.reason and issue.reason in result.reason]
 
@@ -180,7 +180,7 @@ def write(release: str, text: str, path: Path = WRITE_UP) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pytest_llmopt import zoo
+    from pytest_llmopt.running import zoo
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("release", help="a transformers version, 'latest' (the newest on the index) or 'lock' (constraints.txt's)")

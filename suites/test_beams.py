@@ -3,7 +3,7 @@
 ``num_beams=3, num_return_sequences=2`` on the padded batch: every step reorders the cache between beams
 (a StaticCache must move its keys and values with its beams), and the returned sequences are the best
 beams. Beam searches part for good at their first near-tie, so each path is judged on its own trace
-(pytest_llmopt.beams): every running beam's logits at every step against a higher-precision cache-free
+(pytest_llmopt.verdicts.beams): every running beam's logits at every step against a higher-precision cache-free
 forward of that beam's tokens, within the noise floor of the dynamic cache's beams judged the same way, and
 every selection against the path's own scores. Whether the returned sequences equal the dynamic cache's is
 recorded (``parted_at``; None when equal).

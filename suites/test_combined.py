@@ -19,7 +19,7 @@ from pytest_llmopt.api import cache_layout, not_run
 CACHES = ["dynamic", "static", "static-object"]
 ATTENTIONS = ["eager", "sdpa", "flash_attention_2", "flex_attention"]
 PLAIN = {"cache": "dynamic", "compile": "off", "attention": "eager"}
-# Upstream issues these combinations meet (pytest_llmopt.known_issues names the models and releases).
+# Upstream issues these combinations meet (pytest_llmopt.running.known_issues names the models and releases).
 KNOWN = ["torch-flex-attention-cpu-codegen", "torch-flex-attention-cpu-decode", "sdpa-ignores-attention-softcap", "gemma2-flex-4d-mask-in-generate",
          "gptneo-flash-attention-ignores-local-window", "gptneo-flash-attention-4d-mask-slice", "gpt2-flash-attention-not-causal-with-mask"]
 WINDOW_MARGIN = 8

@@ -1,5 +1,5 @@
 """Speed: every optimization that applies, timed in one interleaved campaign per model against the plain path,
-and judged against the stored baseline of this card and stack (pytest_llmopt/perf.py says how).
+and judged against the stored baseline of this card and stack (pytest_llmopt/wiring/perf.py says how).
 
 Two more checks time a request mix (throughput.py) instead of the one prompt: plain generate() on it as one
 padded batch and continuous batching's generate_batch, each against the requests one by one (speedup is then
@@ -49,7 +49,7 @@ def test_quantized_speed(llmopt_case, llmopt_speed):
 @pytest.mark.llmopt(reference=PLAIN)
 @pytest.mark.llmopt_speed(requests="batched")
 def test_batched_throughput(llmopt_case, llmopt_speed):
-    """A request mix (prompts of several lengths, pytest_llmopt/throughput.py) as one left-padded batch through plain
+    """A request mix (prompts of several lengths, pytest_llmopt/running/throughput.py) as one left-padded batch through plain
     generate(), against the same requests one by one: throughput ratio."""
     llmopt_speed.check(llmopt_case)
 

@@ -3,7 +3,7 @@
 generate() runs with the model's own generation_config plus ``repetition_penalty=1.3`` and
 ``no_repeat_ngram_size=3`` (the other suites switch both off to compare raw paths). Every path equals plain
 greedy under the same settings (tie-aware, as elsewhere), and its processed scores (``output_scores``) are
-compared with the plain path's, not only its raw logits (pytest_llmopt.scores): the same tokens banned at
+compared with the plain path's, not only its raw logits (pytest_llmopt.verdicts.scores): the same tokens banned at
 every step, and no processed score further off than the penalty times its raw logit's difference. A path
 that hands a processor the wrong ids (a draft's wrong slice, a stale length) shows there even where the
 greedy choice happens to survive. Paths: static cache and StaticCache object on the padded batch,

@@ -3,7 +3,7 @@ bfloat16 on CUDA) against the unquantized model of the same weights.
 
 Quality is judged where it is defined. On any weights, random ones included: every quantized linear layer
 against the same layer unquantized and against the scheme emulated without bitsandbytes (test_layers,
-pytest_llmopt/qlayers.py). On trained weights only: top-1 agreement and KL of next-token distributions
+pytest_llmopt/running/qlayers.py). On trained weights only: top-1 agreement and KL of next-token distributions
 (test_model_quality; "not run" on random weights, whose next-token distribution is nearly flat). Per scheme
 and model, on the same load (a 7B load is the slow part): footprint bound, finite and non-collapsed
 generation, static cache == dynamic cache and self-assisted decoding == greedy on the quantized model, and

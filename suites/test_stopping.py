@@ -1,6 +1,6 @@
 """Stopping: every path stops each row where its EOS is, pads it after, and never gives one token more.
 
-The EOS is a token the path itself generates (pytest_llmopt.stopping: random-weight models almost never
+The EOS is a token the path itself generates (pytest_llmopt.verdicts.stopping: random-weight models almost never
 choose their real one, and generate() treats every id in ``eos_token_id`` alike), chosen so that the rows
 of the padded batch meet it at different steps. Each check compares the path with the same path run with
 nothing able to stop it, so a near-tie between two paths cannot raise a false alarm:

@@ -32,7 +32,7 @@ def smollm2(monkeypatch: pytest.MonkeyPatch) -> str:
     is missing (CI installs both)."""
     import importlib.util
 
-    from pytest_llmopt import models
+    from pytest_llmopt.running import models
 
     if importlib.util.find_spec("gguf") is None:
         pytest.skip("smollm2-135m needs the gguf package: pip install -c constraints.txt -e '.[test]'")

@@ -1,10 +1,10 @@
-"""The built-in drafts whose acceptance is known (pytest_llmopt/assistants.py), checked without the suites."""
+"""The built-in drafts whose acceptance is known (pytest_llmopt/running/assistants.py), checked without the suites."""
 
 from __future__ import annotations
 
 import torch
 
-from pytest_llmopt import assistants, zoo
+from pytest_llmopt.running import assistants, zoo
 
 
 def _tiny(name: str):

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pytest_llmopt import baselines as bl
-from pytest_llmopt import stats
-from pytest_llmopt import timing as tm
+from pytest_llmopt.common import stats
+from pytest_llmopt.running import timing as tm
+from pytest_llmopt.verdicts import baselines as bl
 
 CHECK = "performance::test_generate_speed[static+compile/sdpa/bf16]"
 
@@ -170,7 +170,7 @@ def test_timed_call_splits_prefill_from_decode_and_checks_the_length() -> None:
 
 
 def test_compile_time_is_the_first_warm_up_beyond_a_warm_run() -> None:
-    from pytest_llmopt.campaign import PathRecord
+    from pytest_llmopt.running.campaign import PathRecord
 
     record = PathRecord("p", warmups_ms=[5100.0, 100.0], runs={i: tm.Run(1.0, 2.0, 100.0, 8) for i in range(3)})
     assert record.compile_s == pytest.approx(5.0)
@@ -181,7 +181,7 @@ def test_compile_time_is_the_first_warm_up_beyond_a_warm_run() -> None:
 def test_roofline_of_the_7b_shape_matches_the_reference_floor() -> None:
     """Weights 13.0 GB (less the embedding table) + kv cache at 64 positions, over 2.99 TB/s: ~4.4 ms,
     the "≈ 4.5 ms" of the design notes; a 7.07 ms step is then ~63 % of the floor."""
-    from pytest_llmopt.zoo import builtin_config
+    from pytest_llmopt.running.zoo import builtin_config
 
     config = builtin_config("llama-7b-shape")
     weights = 2 * (32 * (4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096) + 4096 + 32000 * 4096)  # bf16, lm_head read, embedding not
@@ -205,7 +205,7 @@ def test_weight_bytes_count_the_embedding_table_only_when_the_head_reads_it(tied
 
 
 def test_baseline_options_resolve_like_the_others(tmp_path: Path) -> None:
-    from pytest_llmopt.settings import resolve
+    from pytest_llmopt.wiring.settings import resolve
 
     ini = tmp_path / "proj" / "pytest.ini"
     ini.parent.mkdir()

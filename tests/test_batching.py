@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pytest_llmopt import batching
-from pytest_llmopt.choices import Floor, judge_answer
+from pytest_llmopt.running import batching
+from pytest_llmopt.verdicts.choices import Floor, judge_answer
 
 
 def test_config_names_the_page_size_as_this_release_does_and_leaves_none_to_it() -> None:

@@ -1,11 +1,11 @@
-"""The beam-trace rules of pytest_llmopt.beams on hand-made traces: the selection replay accepts a faithful
+"""The beam-trace rules of pytest_llmopt.verdicts.beams on hand-made traces: the selection replay accepts a faithful
 beam search and names a wrong one; the cache-free reference is read at the right prefix of each beam."""
 
 from __future__ import annotations
 
 import torch
 
-from pytest_llmopt import beams
+from pytest_llmopt.verdicts import beams
 
 
 def _search(log_probs: list[torch.Tensor], prompt: torch.Tensor, k: int, returned: int) -> beams.BeamRun:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from conftest import SUITES, shared_model, smollm2
-from pytest_llmopt import zoo
-from pytest_llmopt.report import load
+from pytest_llmopt.running import zoo
+from pytest_llmopt.wiring.report import load
 
 
 def _run_suites(pytester: pytest.Pytester, models: list[str], seed: int, timeout: int = 1800) -> None:

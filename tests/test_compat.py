@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers.generation import candidate_generator as cg
 
-from pytest_llmopt import compat, known_issues, outcomes, probes
+from pytest_llmopt.common import outcomes
+from pytest_llmopt.running import compat, known_issues, probes
 
 
 class _Cache454:
@@ -52,7 +53,7 @@ def test_static_cache_arguments_are_found_through_kwargs_forwarding(cls, expecte
 
 
 def test_static_cache_of_the_installed_release_has_the_asked_length():
-    from pytest_llmopt import zoo
+    from pytest_llmopt.running import zoo
 
     model = zoo.build_builtin("tiny-llama", 0, torch.float32, "cpu", compat.from_config)
     cache = compat.make_static_cache(model, batch_size=2, max_cache_len=24)
@@ -221,7 +222,7 @@ def test_a_known_issue_id_missing_from_the_registry_is_a_usage_error(pytester: p
     pytester.makepyfile("import pytest\n\n@pytest.mark.llmopt(known_issues=['no-such-issue'])\ndef test_x(llmopt_case):\n    pass\n")
     result = pytester.runpytest()
     assert result.ret != 0
-    result.stdout.fnmatch_lines(["*known_issues=*no-such-issue* not in pytest_llmopt.known_issues.KNOWN_ISSUES*"])
+    result.stdout.fnmatch_lines(["*known_issues=*no-such-issue* not in pytest_llmopt.running.known_issues.KNOWN_ISSUES*"])
 
 
 def test_an_architecture_bug_spares_other_models(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -229,7 +230,7 @@ def test_an_architecture_bug_spares_other_models(monkeypatch: pytest.MonkeyPatch
     have what it needs, whatever the release: not to Llama, not to eager attention."""
     from dataclasses import replace
 
-    from pytest_llmopt import zoo
+    from pytest_llmopt.running import zoo
 
     name = "sdpa-ignores-attention-softcap"
     monkeypatch.setitem(known_issues.BY_ID, name, replace(known_issues.BY_ID[name], present=lambda: True))
@@ -244,7 +245,7 @@ def test_an_architecture_bug_spares_other_models(monkeypatch: pytest.MonkeyPatch
 def test_a_hybrid_cache_model_gets_its_own_cache_kind() -> None:
     """4.x Gemma2 runs on nothing but its HybridCache: it is the static cache and the cache object of the plain
     path there, and "static" means "hybrid" to generate(). 5.x dropped HybridCache: StaticCache and "static"."""
-    from pytest_llmopt import hybrid, zoo
+    from pytest_llmopt.running import hybrid, zoo
 
     model = zoo.build_builtin("tiny-gemma2", 0, torch.float32, "cpu", compat.from_config, "eager")
     cls = hybrid.hybrid_class(model)
@@ -309,7 +310,7 @@ def test_default_attention_is_what_from_pretrained_picks() -> None:
     Gemma2 overrides _check_and_enable_sdpa for that): the variant a suite runs when it names no attention."""
     import transformers
 
-    from pytest_llmopt.models import ModelInfo, ModelSpec
+    from pytest_llmopt.running.models import ModelInfo, ModelSpec
 
     class Declares(transformers.PreTrainedModel):
         _supports_sdpa = True
@@ -332,8 +333,8 @@ def test_cache_size_formula_follows_the_release(monkeypatch: pytest.MonkeyPatch)
     caches, 4.56+; 4.x Gemma2's HybridCache), every position before (a 4.46-4.55 StaticCache is full-length)."""
     from transformers import cache_utils
 
-    from pytest_llmopt import zoo
-    from pytest_llmopt.measure import caches_trim_sliding_layers, static_cache_bytes
+    from pytest_llmopt.running import zoo
+    from pytest_llmopt.running.measure import caches_trim_sliding_layers, static_cache_bytes
 
     mistral = zoo.builtin_config("tiny-mistral")  # every layer slides, window 48
     monkeypatch.setattr(cache_utils, "StaticSlidingWindowLayer", object, raising=False)
@@ -418,7 +419,7 @@ def test_a_known_issue_raised_inside_a_step_keeps_its_xfail(pytester: pytest.Pyt
     result.assert_outcomes(xfailed=1, failed=1)
     result.stdout.fnmatch_lines(["*(generate): the optimized path raised KeyError*"])
     # The report names the declared issues that applied, by id (the release sweep counts them so)
-    from pytest_llmopt.report import load
+    from pytest_llmopt.wiring.report import load
 
     results, _ = load(pytester.path / "r.json")
     assert {r.check: (r.status.value, r.known_issues) for r in results} == {
@@ -449,7 +450,7 @@ def test_flex_mask_probes_read_the_installed_code(monkeypatch: pytest.MonkeyPatc
 
 
 def test_a_check_without_padding_meets_a_mask_bug_only_where_its_mask_is_beyond_causal(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pytest_llmopt.zoo import builtin_config
+    from pytest_llmopt.running.zoo import builtin_config
 
     codegen = "torch-flex-attention-cpu-codegen"
     assert known_issues.unknown([f"{codegen}:unpadded"]) == []
@@ -470,7 +471,7 @@ def test_a_check_without_padding_meets_a_mask_bug_only_where_its_mask_is_beyond_
 
 
 def test_a_bug_of_compiled_code_spares_the_variants_that_do_not_compile(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pytest_llmopt.zoo import builtin_config
+    from pytest_llmopt.running.zoo import builtin_config
 
     monkeypatch.setattr(torch, "__version__", "2.13.0+cpu")
     monkeypatch.setattr(probes, "flex_mask_from_offsets", lambda: False)  # 4.57-5.2's masks
@@ -483,7 +484,7 @@ def test_a_bug_of_compiled_code_spares_the_variants_that_do_not_compile(monkeypa
 def test_the_sliding_window_draft_issue_needs_a_cache_that_keeps_sliding_layers() -> None:
     """GPT-Neo's local layers (window_size) are cached in full: its universal draft passed under 5.24 while Mistral's and
     Gemma2's (sliding_window) failed."""
-    from pytest_llmopt.zoo import TINY, builtin_config
+    from pytest_llmopt.running.zoo import TINY, builtin_config
 
     issue = known_issues.BY_ID["universal-draft-with-sliding-window"]
     assert {name for name in TINY if issue.hits(builtin_config(name))} == {"tiny-mistral", "tiny-gemma2"}

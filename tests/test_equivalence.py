@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from pytest_llmopt.distribution import distribution_test, kolmogorov_pvalue, ks_uniform, randomized_pit
-from pytest_llmopt.equivalence import (
+from pytest_llmopt.verdicts.distribution import distribution_test, kolmogorov_pvalue, ks_uniform, randomized_pit
+from pytest_llmopt.verdicts.equivalence import (
     FLOOR_FACTOR,
     Generation,
     compare_greedy,
@@ -278,7 +278,7 @@ def test_randomized_pit_is_uniform_for_exact_samples():
 def test_top_k_boundary_within_the_noise_is_undecided():
     """A step whose k-th and (k+1)-th logits lie closer than twice the run dtype's error there cannot tell
     which token top-k keeps; one with a clear gap can."""
-    from pytest_llmopt.distribution import BoundaryRule
+    from pytest_llmopt.verdicts.distribution import BoundaryRule
 
     precise = torch.tensor([[[5.0, 4.0, 3.0, 2.9999, 1.0], [5.0, 4.0, 3.0, 2.0, 1.0]]], dtype=torch.float64)
     run = precise + torch.tensor([0.001, -0.001, 0.0, 0.0, 0.0], dtype=torch.float64)
@@ -292,7 +292,7 @@ def test_top_k_boundary_within_the_noise_is_undecided():
 
 
 def test_more_draws_only_where_they_can_reach_enough_decided_steps():
-    from pytest_llmopt.distribution import MAX_BATCHES, MIN_PIT_VALUES, more_batches
+    from pytest_llmopt.verdicts.distribution import MAX_BATCHES, MIN_PIT_VALUES, more_batches
 
     assert more_batches(MIN_PIT_VALUES) == 0 and more_batches(0) == 0  # enough; or none decided (a random bf16 shape)
     assert more_batches(MIN_PIT_VALUES // 2) == 2  # 1 would do at exactly the first batch's rate: a fifth more is asked
@@ -317,7 +317,7 @@ def test_left_out_steps_leave_the_test_uniform_and_are_counted():
 def test_distribution_test_by_chunks_gives_the_same_verdict_and_bounds_what_it_holds(monkeypatch: pytest.MonkeyPatch) -> None:
     """The exact distributions are asked for by chunks of rows (a 262,144-token vocabulary at 50 samples was killed
     for memory in one piece), and the verdict is the one the whole batch gives: the same uniform draws, row by row."""
-    from pytest_llmopt import distribution
+    from pytest_llmopt.verdicts import distribution
 
     probs, samples = _exact_and_samples(100, None, 7)
     asked: list[int] = []

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from conftest import SUITES
-from pytest_llmopt.report import SCHEMA
+from pytest_llmopt.wiring.report import SCHEMA
 
 SELF_DRAFT = ("test_self_draft_is_always_accepted", "speculative")
 KEY = "speculative::test_self_draft_is_always_accepted[[]{variant}@tiny-llama]"  # fnmatch: [[] is a bracket

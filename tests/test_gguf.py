@@ -17,9 +17,9 @@ pytest.importorskip("gguf", reason="the GGUF source needs the gguf package: pip 
 import torch
 
 from conftest import smollm2
-from pytest_llmopt import gguf as gguf_source
-from pytest_llmopt import models, zoo
-from pytest_llmopt.models import ModelError, ModelSpec, ModelStore
+from pytest_llmopt.running import gguf as gguf_source
+from pytest_llmopt.running import models, zoo
+from pytest_llmopt.running.models import ModelError, ModelSpec, ModelStore
 
 SUITE = """
 import pytest
@@ -52,7 +52,7 @@ def write_gguf(path: Path, quant: str = "F32", architecture: str = "llama", cut:
     import gguf
     import numpy as np
 
-    from pytest_llmopt import compat
+    from pytest_llmopt.running import compat
 
     model = zoo.build_builtin("tiny-llama", 0, torch.float32, "cpu", compat.from_config)
     config, tok = model.config, zoo.builtin_tokenizer("tiny-llama")
@@ -243,7 +243,7 @@ def test_smollm2_is_the_trained_model_of_its_package(monkeypatch: pytest.MonkeyP
 def test_two_folders_of_one_name_get_their_parent_in_the_name_and_their_config_in_the_baseline_key(tmp_path: Path) -> None:
     """Two checkpoints called "final" in one session: "run1/final" and "run2/final" in ids and reports; alone, a
     folder keeps its name, and its baseline key carries its config's digest (another "final" never judges it)."""
-    from pytest_llmopt import models
+    from pytest_llmopt.running import models
 
     for run, layers in (("run1", 2), ("run2", 4)):
         (tmp_path / run / "final").mkdir(parents=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_llmopt.gpulock import DeviceLock
+from pytest_llmopt.common.gpulock import DeviceLock
 
 pytestmark = pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork (POSIX)")
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from conftest import SUITES
-from pytest_llmopt import memory
+from pytest_llmopt.running import memory
 
 
 def cache_kept_on_model(mp: pytest.MonkeyPatch) -> None:

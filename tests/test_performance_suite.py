@@ -56,7 +56,7 @@ def simulated_device(mp: pytest.MonkeyPatch, extra_decode_s: float = 0.0, cost: 
     (+ ``extra_decode_s``, the injected delay) per eager decode step, nothing when compiled."""
     from transformers import LlamaForCausalLM
 
-    from pytest_llmopt import timing
+    from pytest_llmopt.running import timing
 
     clock = VirtualClock()
     mp.setattr(timing, "time", types.SimpleNamespace(perf_counter=clock.perf_counter, thread_time=clock.thread_time, process_time=clock.process_time))
@@ -83,7 +83,7 @@ def run(pytester: pytest.Pytester, baselines: Path, select: str, *args: str) -> 
 def only_in(path_part: str, extra_s: float) -> Any:
     """A cost function: the simulated device, plus ``extra_s`` per decode step of the campaign path whose key
     holds ``path_part`` (a slower host-side step of that path alone)."""
-    from pytest_llmopt import campaign
+    from pytest_llmopt.running import campaign
 
     def cost(decode: bool) -> float:
         if not decode:

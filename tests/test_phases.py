@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_llmopt import phases
-from pytest_llmopt.report import Result
+from pytest_llmopt.common import phases
+from pytest_llmopt.wiring.report import Result
 
 
 def test_the_innermost_phase_gets_the_time_and_compile_time_is_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -78,7 +78,7 @@ def test_waiting_for_the_device_lock_is_its_own_phase() -> None:
     """A check that waits for another worker's speed campaign (here a second lock holder in a thread) says so."""
     import threading
 
-    from pytest_llmopt.gpulock import DeviceLock
+    from pytest_llmopt.common.gpulock import DeviceLock
 
     key = f"phases-test-{time.time_ns()}"
     held, release = threading.Event(), threading.Event()

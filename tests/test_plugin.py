@@ -9,8 +9,8 @@ import time
 import pytest
 
 from conftest import shared_model
-from pytest_llmopt.outcomes import Status
-from pytest_llmopt.report import load
+from pytest_llmopt.common.outcomes import Status
+from pytest_llmopt.wiring.report import load
 
 SUITE = """
 import pytest
@@ -200,7 +200,7 @@ def test_lost_cuda_context_stops_the_checks_after_it_with_one_reason(suite: pyte
     The lost context is simulated: machine.cuda_context_error is what the plugin asks after each test."""
     suite.makeconftest(
         """
-        import pytest_llmopt.machine as machine
+        import pytest_llmopt.running.machine as machine
 
         LOST = []
         ORIGINAL = machine.cuda_context_error
@@ -246,7 +246,7 @@ def test_a_test_marked_whole_device_holds_the_device_alone(suite: pytest.Pyteste
     suite.makeconftest(
         """
         import contextlib
-        from pytest_llmopt.gpulock import DeviceLock
+        from pytest_llmopt.common.gpulock import DeviceLock
 
         TAKEN = []
         ORIGINAL = DeviceLock.shared, DeviceLock.exclusive

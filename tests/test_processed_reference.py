@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from transformers import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
 
-from pytest_llmopt.runner import nucleus, penalized
+from pytest_llmopt.running.runner import nucleus, penalized
 
 
 def test_repetition_penalty_equals_transformers_at_every_position() -> None:

@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from pytest_llmopt.prompts import copy_point, lookup_draft
+from pytest_llmopt.running.prompts import copy_point, lookup_draft
 
 
 def _transformers_draft(tokens: list[int], ngram: int, span: int) -> list[int]:

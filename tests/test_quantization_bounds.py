@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import torch
 
-from pytest_llmopt import compat, footprint, quantize, zoo
-from pytest_llmopt.variants import Variant
+from pytest_llmopt.running import compat, footprint, quantize, zoo
+from pytest_llmopt.running.variants import Variant
 
 GIB = 2**30
 HAS_BNB = all(
@@ -207,7 +207,7 @@ def test_every_whole_model_bound_can_fail_and_says_where_it_was_measured() -> No
 
 
 def test_random_weights_have_no_whole_model_bound() -> None:
-    from pytest_llmopt.models import ModelSpec
+    from pytest_llmopt.running.models import ModelSpec
 
     for name in ("tiny-llama", "llama-7b-shape"):
         with pytest.raises(ValueError, match="defined on trained weights only"):

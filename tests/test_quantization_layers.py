@@ -1,4 +1,4 @@
-"""Proof of power of the quantization layer rule (pytest_llmopt/qlayers.py), on CPU with bitsandbytes: each fault of a
+"""Proof of power of the quantization layer rule (pytest_llmopt/running/qlayers.py), on CPU with bitsandbytes: each fault of a
 quantizer, injected into a correctly loaded tiny-llama, breaks the rule, and the same load without it keeps it."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from pytest_llmopt import compat, qlayers, quantize, zoo
+from pytest_llmopt.running import compat, qlayers, quantize, zoo
 
 pytestmark = pytest.mark.skipif(
     not all(importlib.util.find_spec(name) for name in ("bitsandbytes", "accelerate")),

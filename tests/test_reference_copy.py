@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache
 
-from pytest_llmopt.reference import _weights
+from pytest_llmopt.running.reference import _weights
 
 
 class _ModuleCache(torch.nn.Module, Cache):  # what a 4.x Cache is: an nn.Module with its tensors as buffers

@@ -6,7 +6,7 @@ import importlib.util
 from pathlib import Path
 
 from conftest import ROOT
-from pytest_llmopt.report import Result
+from pytest_llmopt.wiring.report import Result
 
 _spec = importlib.util.spec_from_file_location("release_sweep", ROOT / "scripts" / "release_sweep.py")
 assert _spec is not None and _spec.loader is not None

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 
 from pytest_llmopt.cli import compare, main
-from pytest_llmopt.outcomes import Status
-from pytest_llmopt.render import markdown
-from pytest_llmopt.report import ReportError, Result, load
+from pytest_llmopt.common.outcomes import Status
+from pytest_llmopt.wiring.render import markdown
+from pytest_llmopt.wiring.report import ReportError, Result, load
 
 SUITE = """
 import pytest
 
-from pytest_llmopt import outcomes
+from pytest_llmopt.common import outcomes
 
 @pytest.mark.llmopt(cache=["dynamic", "static"], reference={"cache": "dynamic"})
 def test_passes(llmopt_case):
@@ -157,7 +157,7 @@ def test_compare_flags_a_missing_check():
 
 
 def _write(path: Path, results: list[Result]) -> Path:
-    from pytest_llmopt.report import to_document
+    from pytest_llmopt.wiring.report import to_document
 
     path.write_text(json.dumps(to_document(results, {"versions": {"transformers": "x"}, "device": "cpu"})))
     return path
@@ -245,7 +245,7 @@ def test_compare_needs_neither_pytest_nor_torch(tmp_path: Path) -> None:
 def test_two_models_of_one_name_are_never_compared_or_merged(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Two checkpoints called "final" with different configs: their reports say so (model_keys) and the gate
     refuses to compare or merge them, with one line naming both."""
-    from pytest_llmopt.report import to_document
+    from pytest_llmopt.wiring.report import to_document
 
     def report(path: Path, key: str) -> Path:
         env = {"versions": {"transformers": "x"}, "device": "cpu", "model_keys": {"final": key}}

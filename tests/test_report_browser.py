@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_llmopt.render import write
-from pytest_llmopt.report import Result
+from pytest_llmopt.wiring.render import write
+from pytest_llmopt.wiring.report import Result
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the test extra has it)")

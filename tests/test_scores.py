@@ -1,11 +1,11 @@
-"""Processed scores compared beside raw logits (pytest_llmopt.scores): the bound comes from the penalty alone."""
+"""Processed scores compared beside raw logits (pytest_llmopt.verdicts.scores): the bound comes from the penalty alone."""
 
 from __future__ import annotations
 
 import torch
 
-from pytest_llmopt.equivalence import Generation
-from pytest_llmopt.scores import compare_scores
+from pytest_llmopt.verdicts.equivalence import Generation
+from pytest_llmopt.verdicts.scores import compare_scores
 
 
 def _generation(tokens: list[int], logits: torch.Tensor, scores: torch.Tensor) -> Generation:

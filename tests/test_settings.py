@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from pytest_llmopt import settings
-from pytest_llmopt.expect import parse_refusal
-from pytest_llmopt.settings import OPTIONS, resolve
+from pytest_llmopt.wiring import settings
+from pytest_llmopt.wiring.expect import parse_refusal
+from pytest_llmopt.wiring.settings import OPTIONS, resolve
 
 # A valid, non-default raw value for every option, and what it resolves to.
 SAMPLES = {

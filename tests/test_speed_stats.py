@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import torch
 
-from pytest_llmopt import campaign as cp
-from pytest_llmopt import stats
+from pytest_llmopt.common import stats
+from pytest_llmopt.running import campaign as cp
 
 
 def test_trimmed_estimate_matches_yuen_by_hand() -> None:
@@ -107,7 +107,7 @@ class Clock:
 
 
 def simulated(monkeypatch: pytest.MonkeyPatch, clock: Clock) -> None:
-    from pytest_llmopt import timing
+    from pytest_llmopt.running import timing
 
     monkeypatch.setattr(timing, "time", types.SimpleNamespace(perf_counter=clock.perf_counter, thread_time=clock.thread_time))
 
@@ -176,7 +176,7 @@ def test_rounds_stop_on_precision_and_variants_leave_when_precise(monkeypatch: p
 def test_a_compile_while_timing_leaves_its_round_out_and_twice_is_a_finding(monkeypatch: pytest.MonkeyPatch, compiles_at: tuple[int, ...]) -> None:
     from torch._dynamo.utils import counters
 
-    from pytest_llmopt.speedrun import problems
+    from pytest_llmopt.running.speedrun import problems
 
     clock = Clock()
     simulated(monkeypatch, clock)

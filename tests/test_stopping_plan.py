@@ -1,11 +1,11 @@
-"""The stopping checks' expectations (pytest_llmopt.stopping): which token is made the EOS, where each row must
+"""The stopping checks' expectations (pytest_llmopt.verdicts.stopping): which token is made the EOS, where each row must
 end, and what a wrong stop is called."""
 
 from __future__ import annotations
 
 import torch
 
-from pytest_llmopt import stopping
+from pytest_llmopt.verdicts import stopping
 
 FREE = torch.tensor([[5, 6, 7, 8, 9], [6, 5, 5, 7, 8], [9, 9, 6, 9, 9]])
 

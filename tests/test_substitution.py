@@ -10,12 +10,12 @@ import pytest
 from transformers import DynamicCache, StaticCache
 
 from conftest import SUITES
-from pytest_llmopt import instrumentation
-from pytest_llmopt.zoo import builtin_config
+from pytest_llmopt.running import instrumentation
+from pytest_llmopt.running.zoo import builtin_config
 
 
 def _static() -> StaticCache:
-    from pytest_llmopt import compat
+    from pytest_llmopt.running import compat
 
     model = SimpleNamespace(config=builtin_config("tiny-llama"), device="cpu", dtype=None)
     return compat.make_static_cache(model, 1, 8)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_llmopt.machine import Machine
-from pytest_llmopt.variants import Variant, matrix, parse_selection
+from pytest_llmopt.running.machine import Machine
+from pytest_llmopt.running.variants import Variant, matrix, parse_selection
 
 
 def test_ids_are_stable_and_readable():

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pytest_llmopt import compat, zoo
-from pytest_llmopt.machine import Machine
-from pytest_llmopt.models import ModelSpec, ModelStore, describe
+from pytest_llmopt.running import compat, zoo
+from pytest_llmopt.running.machine import Machine
+from pytest_llmopt.running.models import ModelSpec, ModelStore, describe
 
 
 def _build(name: str, seed: int = 0):

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from ..common.phases import timed
 from . import gguf, zoo
-from .phases import timed
 
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 HUB_CONNECT_TIMEOUT_S = 5.0

@@ -30,9 +30,9 @@ from typing import Any
 
 import pytest
 
-from . import baselines as bl
-from . import metrics as mx
-from .speedplan import PROMPT_TOKENS, Group, Planned, check_key, group_key, workload
+from ..common import metrics as mx
+from ..running.speedplan import PROMPT_TOKENS, Group, Planned, check_key, group_key, workload
+from ..verdicts import baselines as bl
 
 ESTIMATOR = 2  # how figures are estimated; baselines of another estimator are not comparable
 
@@ -85,7 +85,7 @@ class PerfPlugin:
     @property
     def lock(self) -> Any:
         if self._lock is None:
-            from .gpulock import DeviceLock, device_key
+            from ..common.gpulock import DeviceLock, device_key
 
             self._lock = DeviceLock(device_key(self.machine.device))
         return self._lock
@@ -111,7 +111,7 @@ class PerfPlugin:
     def judge(self, model: str, check: str, measured: dict[str, bl.Measured]) -> tuple[list[bl.Finding], dict[str, Any]]:
         """Compare ``measured`` with the stored baseline (or append it, with --llmopt-update-baselines).
         Returns the findings (none when writing) and what to record about the baseline used."""
-        from .noise import host_class
+        from ..running.noise import host_class
 
         if not any((f := mx.figure(name)) is not None and f.judged for name in measured):
             return [], {}  # nothing this check measures is judged here (the reference's own check on CPU)

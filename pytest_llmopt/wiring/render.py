@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .metrics import FIGURES
-from .outcomes import Status
+from ..common.metrics import FIGURES
+from ..common.outcomes import Status
 from .report import ReportError, Result, to_document
 from .speedview import html_section, markdown_section
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import baselines as bl
-from . import outcomes, stats
+from ..common import outcomes, stats
+from ..verdicts import baselines as bl
 from .campaign import Campaign, Plan
 from .campaign import Path as CampaignPath
 from .speedplan import PROMPT_TOKENS

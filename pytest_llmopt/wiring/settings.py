@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from .variants import Selection, parse_selection
+from ..running.variants import Selection, parse_selection
 
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 DTYPES = ("auto", "float32", "float16", "bfloat16")

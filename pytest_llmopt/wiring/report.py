@@ -12,17 +12,19 @@ skipped at collection, what the plugin decided then (the ``skipped_as`` label); 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .outcomes import PROPERTY as STATUS_PROPERTY
-from .outcomes import Status, status_from
+from ..common.outcomes import PROPERTY as STATUS_PROPERTY
+from ..common.outcomes import Status, status_from
 
 if TYPE_CHECKING:  # `llmopt compare` runs without pytest installed (the tox gate env)
     import pytest
@@ -167,7 +169,7 @@ def _plain_value(value: Any) -> Any:
 
 def environment(session: Any) -> dict[str, Any]:
     """What a reader needs to trust the numbers: hardware, versions, options."""
-    from . import __version__
+    from .. import __version__
 
     machine = session.machine
     s = session.settings
@@ -228,3 +230,18 @@ def load(path: Path) -> tuple[list[Result], dict[str, Any]]:
             raise ReportError(f"{path}: result {number} has an unknown status {item['status']!r} (known: {', '.join(s.value for s in Status)})")
         results.append(Result(**{**{k: v for k, v in item.items() if k in fields}, "status": status}))
     return results, doc.get("environment", {})
+
+
+@contextlib.contextmanager
+def track_peak(node: Any) -> Iterator[None]:
+    """Record the CUDA peak memory of a test as ``peak_memory_bytes`` (nothing on CPU)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        yield
+        return
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        yield
+    finally:
+        record(node, peak_memory_bytes=int(torch.cuda.max_memory_allocated()))

@@ -8,9 +8,8 @@ formula. The same check functions run on CPU and on CUDA; only the probe differs
 
 from __future__ import annotations
 
-import contextlib
 import gc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -279,24 +278,3 @@ def known_untrimmed(config: Any, cache: Any) -> str | None:
     if reason and not any(hasattr(layer, "sliding_window") for layer in layers):
         return reason
     return None
-
-
-# --------------------------------------------------------------------------------------------------
-# Peak memory of every test (CUDA), for the report
-
-
-@contextlib.contextmanager
-def track_peak(node: Any) -> Iterator[None]:
-    """Record the CUDA peak memory of a test as ``peak_memory_bytes`` (nothing on CPU)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        yield
-        return
-    torch.cuda.reset_peak_memory_stats()
-    try:
-        yield
-    finally:
-        from .report import record
-
-        record(node, peak_memory_bytes=int(torch.cuda.max_memory_allocated()))

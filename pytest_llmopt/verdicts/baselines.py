@@ -38,9 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeGuard
 
-from . import metrics as mx
-from . import stats
-from .gpulock import file_lock
+from ..common import metrics as mx
+from ..common import stats
+from ..common.gpulock import file_lock
 
 SCHEMA = 2
 # The environment keys that make two sessions the same stack (what a timed figure may be pooled over).

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar
 
-from .gpulock import file_lock
+from ..common.gpulock import file_lock
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)  # what the gguf package (and so transformers) reads

@@ -111,18 +111,20 @@ def refusal(exc: BaseException, sdpa_backend: str | None = None) -> str | None:
     mask, so a padded batch has none) is torch's refusal, reported with the backend named; so is a
     NotImplementedError of flex_attention's CPU lowering (wrapped by inductor in a RuntimeError).
     """
+    from importlib.metadata import version
+
     import torch
 
-    from .compat import TRANSFORMERS
+    transformers = version("transformers")
 
     text = str(exc)
     if isinstance(exc, ValueError) and any(r in text for r in REFUSALS):
-        return f"unsupported by transformers {TRANSFORMERS}: {text.splitlines()[0]}"
+        return f"unsupported by transformers {transformers}: {text.splitlines()[0]}"
     if sdpa_backend and isinstance(exc, RuntimeError) and "No available kernel" in text:
         return f"unsupported by torch {torch.__version__}: the {sdpa_backend} SDPA backend has no kernel for this input"
     if isinstance(exc, RuntimeError) and "`return_lse` is not supported" in text:
         # transformers 4.50-4.5x asks flex_attention for the log-sum-exp, which torch's CPU kernel lacks
-        return f"unsupported by torch {torch.__version__}: its compiled CPU flex_attention cannot return the log-sum-exp transformers {TRANSFORMERS} asks for"
+        return f"unsupported by torch {torch.__version__}: its compiled CPU flex_attention cannot return the log-sum-exp transformers {transformers} asks for"
     return None
 
 

@@ -20,16 +20,17 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from . import outcomes, variants
-from .models import ModelSpec
-from .outcomes import UNSUPPORTED_BY_MODEL, Status
-from .phases import timed
+from ..common import outcomes
+from ..common.outcomes import UNSUPPORTED_BY_MODEL, Status
+from ..common.phases import timed
+from ..running import variants
+from ..running.models import ModelSpec
 from .session import LlmoptSession
 
 if TYPE_CHECKING:
-    from .machine import Machine
-    from .prompts import Prompt
-    from .runner import Runner
+    from ..running.machine import Machine
+    from ..running.prompts import Prompt
+    from ..running.runner import Runner
 
 
 
@@ -50,7 +51,7 @@ class CaseParam:
 
 def variants_of(marker: pytest.Mark, dtype: str) -> tuple[list[variants.Variant], dict[str, str]]:
     """The marker's variants, and the axis overrides that turn a variant into its reference."""
-    from . import known_issues
+    from ..running import known_issues
 
     axes = {k: v for k, v in marker.kwargs.items() if k in variants.AXES}
     unknown = set(marker.kwargs) - set(variants.AXES) - {"reference", "known_issues"}
@@ -58,13 +59,14 @@ def variants_of(marker: pytest.Mark, dtype: str) -> tuple[list[variants.Variant]
         raise pytest.UsageError(f"@pytest.mark.llmopt: unknown argument(s) {sorted(unknown)}; axes: {list(variants.AXES)}, reference, known_issues")
     missing = known_issues.unknown(marker.kwargs.get("known_issues", ()))
     if missing:
-        raise pytest.UsageError(f"@pytest.mark.llmopt: known_issues={missing} not in pytest_llmopt.known_issues.KNOWN_ISSUES")
+        raise pytest.UsageError(f"@pytest.mark.llmopt: known_issues={missing} not in pytest_llmopt.running.known_issues.KNOWN_ISSUES")
     return variants.matrix(dtype=dtype, **axes), dict(marker.kwargs.get("reference") or {})
 
 
 def params_for(session: LlmoptSession, marker: pytest.Mark) -> list[Any]:
     """pytest.param objects for every (model, variant), with their markers and skip reasons."""
-    from . import compat, known_issues, models, outcomes, quantize
+    from ..common import outcomes
+    from ..running import compat, known_issues, models, quantize
 
     machine = session.machine
     found, overrides = variants_of(marker, machine.dtype)
@@ -99,7 +101,7 @@ def skip_reason(variant: variants.Variant, machine: Machine, capabilities: dict[
     for need in variant.machine_requirements():
         if not machine.has(need.key):
             return Status.NOT_RUN, need.how
-    from .compat import CAPABILITY_ATTRIBUTE
+    from ..running.compat import CAPABILITY_ATTRIBUTE
 
     for capability in variant.model_requirements():
         if not capabilities.get(capability, True):
@@ -194,13 +196,14 @@ class Case:
         Loading errors fail the test with the loader's one-line message; a composite model whose
         parts do not all declare what the variant needs is skipped as unsupported.
         """
-        from . import compat, outcomes
-        from .models import LoadError
-        from .runner import Runner
+        from ..common import outcomes
+        from ..running import compat
+        from ..running.models import LoadError
+        from ..running.runner import Runner
 
         variant = variant or self.variant
         if spec is not None and spec != self.spec and variant.attention == "sdpa":
-            from . import models
+            from ..running import models
 
             if models.describe(spec, self.session.settings.trust_remote_code).default_attention == "eager":
                 variant = replace(variant, attention="eager")  # another model (a draft): its own default attention
@@ -230,7 +233,7 @@ class Case:
     def precise(self, plain: Runner | None = None) -> Any:
         """The higher-precision reference of the plain path's model (reference.Precise; ``plain`` defaults to
         this case's reference runner); a check that needs it is not run where no copy fits, with the reason."""
-        from .reference import precise_for
+        from ..running.reference import precise_for
 
         found = precise_for((plain or self.runner(self.param.reference)).model, self.session.machine.dtype)
         if found.model is None:
@@ -272,8 +275,8 @@ class Case:
         ``plain``: the runner that made ``reference`` when it is not this case's reference (e.g. a quantized
         model). Lists of generations (one prompt each) get one verdict over all their positions (equivalence.stack);
         empty lists, none. Keeps the worst figures seen in this test for the report."""
-        from .equivalence import FLOOR_FACTOR, compare_greedy, stack
-        from .instrumentation import uncounted
+        from ..running.instrumentation import uncounted
+        from ..verdicts.equivalence import FLOOR_FACTOR, compare_greedy, stack
 
         pairs = list(zip(*(list(x) if isinstance(x, (list, tuple)) else [x] for x in (reference, candidate))))
         mismatch = [p for p in pairs if p[0].new_tokens.shape != p[1].new_tokens.shape]
@@ -326,7 +329,7 @@ class Case:
         ``repetition_penalty``) follow the plain model's *processed* distribution (distribution.distribution_test)."""
         import torch
 
-        from .distribution import MIN_PIT_VALUES, BoundaryRule, distribution_test, more_batches
+        from ..verdicts.distribution import MIN_PIT_VALUES, BoundaryRule, distribution_test, more_batches
 
         plain = self.runner(self.param.reference)
         ids = plain.encode(text)[0] if isinstance(text, str) else text
@@ -367,7 +370,7 @@ class Case:
         """Fail the test unless the candidate's logits of one forward pass over ``ids`` stay within the noise
         floor of the plain path's (``reference``) at every real position, both judged against a
         higher-precision forward of the same input (equivalence.compare_logits)."""
-        from .equivalence import FLOOR_FACTOR, compare_logits
+        from ..verdicts.equivalence import FLOOR_FACTOR, compare_logits
 
         precise = self.precise()
         verdict = compare_logits(

@@ -41,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import stats
+from ..common import stats
 from .timing import Run, cudagraph_activity, timed_call, timed_whole
 
 CURRENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("llmopt_speed_path", default=None)

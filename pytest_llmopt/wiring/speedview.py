@@ -9,7 +9,7 @@ import html
 import math
 from dataclasses import dataclass
 
-from . import metrics as mx
+from ..common import metrics as mx
 from .report import Result
 
 FIGURE = "decode_speedup"

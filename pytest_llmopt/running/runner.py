@@ -17,12 +17,13 @@ from typing import Any
 
 import torch
 
-from . import compat, hybrid, outcomes
-from .equivalence import Generation
+from ..common import outcomes
+from ..common.phases import timed
+from ..verdicts.equivalence import Generation
+from . import compat, hybrid
 from .instrumentation import StateLeftBehindError, cache_substitution, model_state, state_changes, transformers_log
 from .machine import Machine
 from .models import Loaded, ModelSpec, ModelStore
-from .phases import timed
 from .variants import Variant
 
 

@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from . import models, prompts
-from .models import ModelSpec
-from .prompts import Prompt
+from ..running import models, prompts
+from ..running.models import ModelSpec
+from ..running.prompts import Prompt
 from .settings import Settings
 
 if TYPE_CHECKING:
-    from .machine import Machine
-    from .models import ModelStore
+    from ..running.machine import Machine
+    from ..running.models import ModelStore
 
 
 @dataclass
@@ -34,7 +34,7 @@ class LlmoptSession:
     def machine(self) -> Machine:
         """The machine, probed once (raises UsageError for a device that does not exist)."""
         if self._machine is None:
-            from . import machine
+            from ..running import machine
 
             try:
                 self._machine = machine.probe(self.settings.device, self.settings.dtype)
@@ -46,7 +46,7 @@ class LlmoptSession:
     def store(self) -> ModelStore:
         """The model store of this session (one per process: each xdist worker has its own)."""
         if self._store is None:
-            from . import compat
+            from ..running import compat
 
             m = self.machine
             # torch.compile caches by code object: every model of the session shares LlamaForCausalLM.forward,

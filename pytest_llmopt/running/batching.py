@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
+from ..common.phases import timed
 from . import compat
 from .instrumentation import StateLeftBehindError, model_state, state_changes
 from .measure import cache_layout
-from .phases import timed
 
 RESULT_TIMEOUT = 120.0  # seconds without any finished request before a run is declared stuck
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.version import InvalidVersion, Version
 
-from .outcomes import Status
+from ..common.outcomes import Status
 from .report import Result, load
 
 REFUSED = (Status.UNSUPPORTED, Status.NOT_RUN)  # statuses that are not "it ran"

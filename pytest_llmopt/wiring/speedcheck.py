@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
-from . import baselines as bl
-from . import metrics as mx
-from . import outcomes
-from .phases import phase
-from .speedplan import Group, Planned, check_key, group_key, workload
-from .speedrun import Figures, Outcome, load_shared, run, save_shared, shared_path
+from ..common import metrics as mx
+from ..common import outcomes
+from ..common.phases import phase
+from ..running.speedplan import Group, Planned, check_key, group_key, workload
+from ..running.speedrun import Figures, Outcome, load_shared, run, save_shared, shared_path
+from ..verdicts import baselines as bl
 
 
 class SpeedCheck:

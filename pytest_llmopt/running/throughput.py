@@ -15,7 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import batching, compat, outcomes
+from ..common import outcomes
+from . import batching, compat
 from .campaign import Path
 
 PROMPT_LENGTHS = (6, 10, 14, 19, 24, 29, 36, 44)  # one request each; their sum and the new tokens fix the work

@@ -120,7 +120,7 @@ def cuda_context_error() -> str | None:
     try:
         torch.cuda.synchronize()
     except Exception as exc:  # torch.AcceleratorError (torch 2.10+), RuntimeError before: "CUDA error: ..."
-        from .outcomes import summary_line
+        from ..common.outcomes import summary_line
 
         return summary_line(exc)
     return None

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from .equivalence import Generation
-from .phases import timed
+from ..common.phases import timed
+from ..verdicts.equivalence import Generation
 
 PRECISE_DTYPE = {"float32": torch.float64, "float16": torch.float32, "bfloat16": torch.float32}
 ACTIVATION_ROOM = 4 << 30  # bytes kept free beside the copy for its forward pass (eager attention, float32 logits)
