@@ -4,7 +4,6 @@ session (speedrun.py) whichever worker gets there first; their verdicts against 
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Any
 
 import pytest
@@ -120,8 +119,10 @@ class SpeedCheck:
 
 
 def _run_id(config: pytest.Config) -> str | None:
-    """This run's id where several pytest-xdist workers share it (their campaigns are shared), else None."""
+    """This run's id where several pytest-xdist workers share it (their campaigns are shared), else None. Only a
+    worker's own input counts: the environment's PYTEST_XDIST_TESTRUNUID is inherited by any pytest session a worker
+    starts, which would then read another session's campaign as its own."""
     workerinput = getattr(config, "workerinput", None)
     if isinstance(workerinput, dict) and workerinput.get("testrunuid"):
         return str(workerinput["testrunuid"])
-    return os.environ.get("PYTEST_XDIST_TESTRUNUID") or None
+    return None
