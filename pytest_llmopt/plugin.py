@@ -236,11 +236,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         report.longrepr = f"{outcomes.summary_line(excinfo.value)}\n  (the full traceback: run again with -vv)"
     if report.skipped and EXPECT_KEY in item.config.stash:
         _lost_support(item, report)
-    lost = item.config.stash.get(LOST_KEY, None)
-    if lost is not None and lost[0] == item.nodeid and call.when == "call":
-        note = f"the CUDA context of this process was lost during this check ({lost[1]}): the checks after it in this process are not run"
-        report.outcome = "failed"
-        report.longrepr = f"{report.longrepr}\n{note}" if report.longrepr else note
     return report
 
 
@@ -276,28 +271,40 @@ def pytest_runtest_setup(item: pytest.Item) -> Generator[None, Any, Any]:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Generator[None, Any, Any]:
     """Out of GPU memory in one test is that test's failure, with one line, and memory is given back
-    so that the rest of the session keeps going. The test's phases go into its record."""
+    so that the rest of the session keeps going. A test during which the process's CUDA context was lost fails
+    saying so (the checks after it are not run: llmopt_case). The test's phases go into its record."""
     try:
-        # the device's timing lock, shared (a speed campaign holds it exclusive), and the peak GPU memory of every llmopt test
-        with _device_share(item), _track_peak(item):
-            return (yield)
+        try:
+            # the device's timing lock, shared (a speed campaign holds it exclusive), and the peak GPU memory of every llmopt test
+            with _device_share(item), _track_peak(item):
+                result = yield
+        finally:
+            _record_phases(item)
     except Exception as exc:
-        if type(exc).__name__ != "OutOfMemoryError":
+        if type(exc).__name__ == "OutOfMemoryError":
+            from .running.models import release_memory
+
+            release_memory()
+            raise pytest.fail.Exception(f"out of GPU memory: {str(exc).splitlines()[0]}", pytrace=False) from None
+        lost = _lost_device(item)
+        if lost is None:
             raise
-        from .running.models import release_memory
+        told = str(exc) if isinstance(exc, pytest.fail.Exception) else outcomes.summary_line(exc)
+        raise pytest.fail.Exception(f"{told}\n{lost}", pytrace=False) from None
+    lost = _lost_device(item)
+    if lost is not None:
+        raise pytest.fail.Exception(lost, pytrace=False)
+    return result
 
-        release_memory()
-        raise pytest.fail.Exception(f"out of GPU memory: {str(exc).splitlines()[0]}", pytrace=False) from None
-    finally:
-        _record_phases(item)
-        _note_lost_device(item)
 
-
-def _note_lost_device(item: pytest.Item) -> None:
+def _lost_device(item: pytest.Item) -> str | None:
+    """Whether this test lost the process's CUDA context (then noted for the tests after it): the line that says so."""
     from .running import machine
 
-    if LOST_KEY not in item.config.stash and (error := machine.cuda_context_error()) is not None:
-        item.config.stash[LOST_KEY] = (item.nodeid, error)
+    if LOST_KEY in item.config.stash or (error := machine.cuda_context_error()) is None:
+        return None
+    item.config.stash[LOST_KEY] = (item.nodeid, error)
+    return f"the CUDA context of this process was lost during this check ({error}): the checks after it in this process are not run"
 
 
 def _record_phases(item: pytest.Item) -> None:

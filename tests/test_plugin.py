@@ -218,6 +218,7 @@ def test_lost_cuda_context_stops_the_checks_after_it_with_one_reason(suite: pyte
         @pytest.mark.llmopt(cache=["dynamic"])
         def test_a_breaks(llmopt_case):
             conftest.LOST.append("AcceleratorError: CUDA error: device-side assert triggered")
+            raise RuntimeError("CUDA error: device-side assert triggered\\nCUDA kernel errors might be asynchronously reported")
 
         @pytest.mark.llmopt(cache=["dynamic", "static"])
         def test_b_after(llmopt_case):
@@ -231,7 +232,8 @@ def test_lost_cuda_context_stops_the_checks_after_it_with_one_reason(suite: pyte
     result.assert_outcomes(passed=1, failed=1, skipped=2)
     result.stdout.fnmatch_lines(
         [
-            "*the CUDA context of this process was lost during this check (AcceleratorError: CUDA error: device-side assert triggered)*",
+            "RuntimeError: CUDA error: device-side assert triggered",
+            "the CUDA context of this process was lost during this check (AcceleratorError: CUDA error: device-side assert triggered)*",
             "*the CUDA context of this process was lost in test_lost.py::test_a_breaks*run this check again on its own*",
         ]
     )
