@@ -276,7 +276,7 @@ class Case:
         model). Lists of generations (one prompt each) get one verdict over all their positions (equivalence.stack);
         empty lists, none. Keeps the worst figures seen in this test for the report."""
         from ..running.instrumentation import uncounted
-        from ..verdicts.equivalence import FLOOR_FACTOR, compare_greedy, stack
+        from ..verdicts.equivalence import compare_greedy, stack
 
         pairs = list(zip(*(list(x) if isinstance(x, (list, tuple)) else [x] for x in (reference, candidate))))
         mismatch = [p for p in pairs if p[0].new_tokens.shape != p[1].new_tokens.shape]
@@ -301,14 +301,9 @@ class Case:
             runner.eos_ids,
             forced=forced,
             precise_name=precise.name,
-            factor=FLOOR_FACTOR[self.session.machine.dtype],
-            label=f"{self.label}{' (' + what + ')' if what else ''}",
-            reproduce=self.reproduce,
+            **self._judged(what),
         )
-        self._keep_stats(verdict.stats)
-        if not verdict.ok:
-            pytest.fail(verdict.message, pytrace=False)
-        return verdict
+        return self._decided(verdict)
 
     @timed("verdict")
     def check_distribution(
@@ -343,7 +338,7 @@ class Case:
             )
 
         def judge(drawn: Any) -> Any:
-            label = f"{self.label}{' (' + what + ')' if what else ''}"
+            label = self._label(what)
             exact = lambda full: plain.exact_probs(full, ids.shape[1], **settings)  # noqa: E731
             return distribution_test(drawn.cpu(), ids[0].cpu(), exact, seed=self.seed, label=label, reproduce=self.reproduce, undecided=undecided)
 
@@ -370,7 +365,7 @@ class Case:
         """Fail the test unless the candidate's logits of one forward pass over ``ids`` stay within the noise
         floor of the plain path's (``reference``) at every real position, both judged against a
         higher-precision forward of the same input (equivalence.compare_logits)."""
-        from ..verdicts.equivalence import FLOOR_FACTOR, compare_logits
+        from ..verdicts.equivalence import compare_logits
 
         precise = self.precise()
         verdict = compare_logits(
@@ -379,10 +374,22 @@ class Case:
             precise.logits(ids, mask),
             None if mask is None else mask.cpu(),
             precise_name=precise.name,
-            factor=FLOOR_FACTOR[self.session.machine.dtype],
-            label=f"{self.label}{' (' + what + ')' if what else ''}",
-            reproduce=self.reproduce,
+            **self._judged(what),
         )
+        return self._decided(verdict)
+
+    def _judged(self, what: str) -> dict[str, Any]:
+        """How every equivalence verdict of this case is judged and named: the dtype's floor factor, the label, the
+        reproduce line."""
+        from ..verdicts.equivalence import FLOOR_FACTOR
+
+        return {"factor": FLOOR_FACTOR[self.session.machine.dtype], "label": self._label(what), "reproduce": self.reproduce}
+
+    def _label(self, what: str) -> str:
+        return f"{self.label}{' (' + what + ')' if what else ''}"
+
+    def _decided(self, verdict: Any) -> Any:
+        """The one place a check_* verdict fails the test: its figures kept, its message the failure."""
         self._keep_stats(verdict.stats)
         if not verdict.ok:
             pytest.fail(verdict.message, pytrace=False)
