@@ -261,15 +261,16 @@ def test_persistent_manager_answers_the_second_batch(llmopt_case):
         gen = batching.generation_config(model)
         cb_config = pinned(model)
         new = max(r.new_tokens for r in reqs)
-        try:
-            with case.explain("generate_batch, persistent"), batching.kept_attention(model, cb_config):
-                outs = [
-                    model.generate_batch([list(r.prompt) for r in batch], generation_config=gen, continuous_batching_config=cb_config,
-                                         persistent_manager=True, max_new_tokens=new)
-                    for batch in (first, second)
-                ]
-        finally:
-            model.destroy_cached_continuous_batching_manager()
+        with batching.kept_attention(model, cb_config):  # kept until the manager is destroyed, not only while it answers
+            try:
+                with case.explain("generate_batch, persistent"):
+                    outs = [
+                        model.generate_batch([list(r.prompt) for r in batch], generation_config=gen, continuous_batching_config=cb_config,
+                                             persistent_manager=True, max_new_tokens=new)
+                        for batch in (first, second)
+                    ]
+            finally:
+                model.destroy_cached_continuous_batching_manager()
     for number, (batch, out) in enumerate(zip((first, second), outs)):
         named = [batching.Request(r.name, r.prompt, new) for r in batch]
         found = list(out.values())
